@@ -1,0 +1,298 @@
+"""One typed config for every raygpt run.
+
+Precedence: the defaults below < a partial YAML file < ``key=value`` overrides. Every default lives in
+this file and nowhere else. Unknown keys, wrong types and impossible combinations fail before any work
+starts, with a message that names the dotted key (``model.n_head``). No torch, no Ray here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config a run cannot start from; the message names the dotted key and what to do."""
+
+
+@dataclass
+class ModelConfig:
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    block_size: int = 128
+    # None: taken from the tokenizer. Set it to pad the embedding (e.g. 50304 for GPT-2 speed).
+    vocab_size: Optional[int] = None
+    dropout: float = 0.0
+    bias: bool = True
+    tie_weights: bool = True
+
+
+@dataclass
+class DataConfig:
+    # A named corpus ("python-stdlib", the embedded default) or a path (file, folder, glob).
+    source: str = "python-stdlib"
+    tokenizer: Literal["char", "bytes", "bpe"] = "char"
+    bpe_vocab_size: int = 4096
+    # An existing tokenizer.json (e.g. GPT-2's) instead of training one on the corpus.
+    tokenizer_path: Optional[str] = None
+    val_fraction: float = 0.05
+    # "hash": whole documents go to val by a stable hash of their name (corpora of many files).
+    # "tail": the last val_fraction of every document is val (nanoGPT's split; single-file corpora).
+    split: Literal["hash", "tail"] = "hash"
+    # Cap on corpus characters read (None: all); handy for quick experiments.
+    max_chars: Optional[int] = None
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables clipping; the norm is reported either way
+    warmup_steps: int = 100
+    # Cosine decay ends here (None: at train.max_steps); min_lr is held afterwards.
+    decay_steps: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1500
+    # Sequences per micro-step on one worker.
+    batch_size: int = 16
+    # Sequences per optimizer step over all workers (None: batch_size x workers). Gradient accumulation
+    # is derived from it, so the tokens per step do not change with the worker count.
+    global_batch_size: Optional[int] = None
+    eval_interval: int = 250
+    eval_steps: int = 20
+    log_interval: int = 50
+    checkpoint_interval: int = 500
+    keep_checkpoints: int = 2
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    # auto: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    # Peak FLOP/s of one device for MFU (None: looked up for known GPUs, no MFU on CPU).
+    peak_flops: Optional[float] = None
+    out_dir: str = "runs"
+    # None: a fresh timestamped run. A name that already has checkpoints resumes from the latest.
+    run_name: Optional[str] = None
+    threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "def "
+    num_samples: int = 2
+    max_new_tokens: int = 200
+    temperature: float = 0.8
+    top_k: Optional[int] = 50
+    top_p: Optional[float] = None
+    seed: int = 0
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False
+    wandb_project: str = "raygpt"
+    wandb_run_name: Optional[str] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    def save(self, path: str | Path) -> Path:
+        path = Path(path)
+        path.write_text(self.to_yaml())
+        return path
+
+
+# --------------------------------------------------------------------------- building and checking
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults, then the YAML file at ``path`` (partial), then ``key=value`` overrides; validated."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as configs/default.yaml")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    for item in overrides:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    return config_from_dict(data)
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"optim.lr=3e-4"`` -> ``("optim.lr", 3e-4)``; the value is read as YAML (numbers, true, null)."""
+    if "=" not in item:
+        raise ConfigError(f"override {item!r} is not key=value (for example model.n_layer=8)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def _set_dotted(data: dict, key: str, value: Any) -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"override key {key!r} must be section.name (for example optim.lr)")
+    section = data.setdefault(parts[0], {})
+    if not isinstance(section, dict):
+        raise ConfigError(f"{parts[0]} must be a mapping of settings")
+    section[parts[1]] = value
+
+
+def config_from_dict(data: dict) -> Config:
+    """Build and validate a Config from a (partial) nested dict, as read from YAML."""
+    sections = {}
+    hints = typing.get_type_hints(Config)
+    for name, value in data.items():
+        if name not in hints:
+            raise ConfigError(f"unknown config section {name!r}; valid sections: {', '.join(hints)}")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a mapping of settings, not {value!r}")
+        sections[name] = _build_section(name, hints[name], value)
+    cfg = Config(**sections)
+    validate(cfg)
+    return cfg
+
+
+def _build_section(section: str, cls: type, values: dict):
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in hints:
+            raise ConfigError(f"unknown config key {section}.{key}; valid keys in {section}: {', '.join(hints)}")
+        kwargs[key] = _coerce(f"{section}.{key}", hints[key], value)
+    return cls(**kwargs)
+
+
+def _coerce(key: str, tp: Any, value: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(key, inner[0], value)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(f"{key}={value!r} is not one of {', '.join(map(str, choices))}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    if tp in (int, float) and isinstance(value, str):
+        # YAML 1.1 reads "1e-3" (no dot) as a string; a number is what the user means.
+        try:
+            value = float(value)
+        except ValueError:
+            pass
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return str(value)
+    raise TypeError(f"no coercion for {key}: {tp}")  # a bug in this file, not a user error
+
+
+def validate(cfg: Config) -> None:
+    """Reject impossible combinations; each message names the dotted key."""
+    m, d, o, t, s = cfg.model, cfg.data, cfg.optim, cfg.train, cfg.sample
+
+    def positive(key: str, value) -> None:
+        if value is not None and value <= 0:
+            raise ConfigError(f"{key} must be positive, got {value}")
+
+    for key in ("n_layer", "n_head", "n_embd", "block_size", "vocab_size"):
+        positive(f"model.{key}", getattr(m, key))
+    if m.n_embd % m.n_head:
+        raise ConfigError(f"model.n_embd={m.n_embd} is not divisible by model.n_head={m.n_head}; "
+                          f"choose n_embd as a multiple of n_head")
+    if not 0.0 <= m.dropout < 1.0:
+        raise ConfigError(f"model.dropout={m.dropout} must be in [0, 1)")
+    if not 0.0 < d.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction={d.val_fraction} must be in (0, 1)")
+    if d.tokenizer == "bpe" and d.tokenizer_path is None and d.bpe_vocab_size <= 257:
+        raise ConfigError(f"data.bpe_vocab_size={d.bpe_vocab_size} must be above 257 (256 bytes + end-of-text)")
+    positive("data.max_chars", d.max_chars)
+    positive("optim.lr", o.lr)
+    if not 0.0 <= o.min_lr <= o.lr:
+        raise ConfigError(f"optim.min_lr={o.min_lr} must be between 0 and optim.lr={o.lr}")
+    if o.weight_decay < 0 or o.grad_clip < 0 or o.warmup_steps < 0:
+        raise ConfigError("optim.weight_decay, optim.grad_clip and optim.warmup_steps must not be negative")
+    for key in ("beta1", "beta2"):
+        if not 0.0 <= getattr(o, key) < 1.0:
+            raise ConfigError(f"optim.{key}={getattr(o, key)} must be in [0, 1)")
+    for key in ("max_steps", "batch_size", "global_batch_size", "eval_interval", "eval_steps", "log_interval",
+                "checkpoint_interval", "keep_checkpoints", "threads", "peak_flops"):
+        positive(f"train.{key}", getattr(t, key))
+    if o.warmup_steps >= t.max_steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} is not shorter than the run "
+                          f"(train.max_steps={t.max_steps}); lower the warmup or train longer")
+    if o.decay_steps is not None and not o.warmup_steps < o.decay_steps:
+        raise ConfigError(f"optim.decay_steps={o.decay_steps} must be longer than optim.warmup_steps={o.warmup_steps}")
+    if t.global_batch_size is not None and t.global_batch_size % t.batch_size:
+        raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                          f"train.batch_size={t.batch_size}")
+    if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name.startswith(".")):
+        raise ConfigError(f"train.run_name={t.run_name!r} must be a plain folder name")
+    positive("sample.max_new_tokens", s.max_new_tokens)
+    positive("sample.num_samples", s.num_samples)
+    if s.temperature < 0:
+        raise ConfigError(f"sample.temperature={s.temperature} must not be negative (0 is greedy)")
+    positive("sample.top_k", s.top_k)
+    if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
+        raise ConfigError(f"sample.top_p={s.top_p} must be in (0, 1]")
+
+
+def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:
+    """Micro-steps per optimizer step so that every step sees train.global_batch_size sequences."""
+    if train.global_batch_size is None:
+        return 1
+    per_step = train.batch_size * world_size
+    if train.global_batch_size % per_step:
+        raise ConfigError(f"train.global_batch_size={train.global_batch_size} is not a multiple of "
+                          f"train.batch_size x workers = {train.batch_size} x {world_size}")
+    return train.global_batch_size // per_step

@@ -1,0 +1,79 @@
+"""Train in this process, no Ray: the smoke run, notebooks, unit tests, the single-process baseline.
+
+    from raygpt.local import train_local
+    result = train_local(load_config("configs/default.yaml", ["train.max_steps=200"]))
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from raygpt.checkpoint import unwrap
+from raygpt.config import Config
+from raygpt.data.corpus import prepare_arrays
+from raygpt.runs import (build_training, device_for, find_resume, format_progress, run_dir, save_run_checkpoint,
+                         with_vocab)
+from raygpt.tokenizer import Tokenizer
+from raygpt.train import TokenBatches, train_loop
+
+
+@dataclass
+class LocalResult:
+    run_dir: Path
+    checkpoint: Optional[Path]  # the last checkpoint written (or resumed from)
+    metrics: list[dict]  # every report of this process, in order
+    tokenizer: Tokenizer
+
+
+def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.ndarray]] = None,
+                print_fn: Callable[[str], None] = print) -> LocalResult:
+    """Train cfg in this process; resume when the named run has checkpoints. ``arrays`` (tokenizer, train
+    ids, val ids) skips reading the corpus, for tests and benchmarks."""
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    device = device_for(cfg)
+    path = run_dir(cfg)
+    resume = find_resume(cfg, path)
+    if arrays is None:
+        tokenizer = None
+        if resume is not None:
+            from raygpt.tokenizer import load_tokenizer
+            tokenizer = load_tokenizer(resume)  # the run's own, not a retrained one
+        arrays = prepare_arrays(cfg.data, tokenizer)
+    tokenizer, train_ids, val_ids = arrays
+    cfg = with_vocab(cfg, tokenizer)
+    t = build_training(cfg, device, resume)
+    path.mkdir(parents=True, exist_ok=True)
+    cfg.save(path / "config.yaml")
+    print_fn(f"run {path} | {unwrap(t.model).num_params() / 1e6:.2f}M params | "
+             f"{tokenizer!r} | {len(train_ids):,} train / {len(val_ids):,} val tokens | {device} {t.precision}"
+             + (f" | resuming {resume.name} (step {t.state.step})" if resume else ""))
+
+    block, batch = cfg.model.block_size, cfg.train.batch_size
+    train_batches = TokenBatches(train_ids, block, batch, cfg.train.seed, device)
+    if t.data_state:
+        train_batches.load_state_dict(t.data_state)
+    # Every eval reads the same val batches, so val losses are comparable across steps and runs.
+    val_batches = lambda: TokenBatches(val_ids, block, batch, cfg.train.seed + 1, device)  # noqa: E731
+
+    reports: list[dict] = []
+    last_ckpt = resume
+    with open(path / "metrics.jsonl", "a") as log:
+        def report(metrics: dict, state, final: bool = False) -> None:
+            nonlocal last_ckpt
+            reports.append(dict(metrics))
+            log.write(json.dumps(metrics) + "\n")
+            log.flush()
+            print_fn(format_progress(metrics, cfg.train.max_steps))
+            if metrics.get("checkpoint"):
+                last_ckpt = save_run_checkpoint(path, cfg, tokenizer, t, metrics, train_batches.state_dict())
+
+        train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, val_batches, report, t.state,
+                   device=device, precision=t.precision, flops_per_token=t.flops_per_token)
+    return LocalResult(path, last_ckpt, reports, tokenizer)

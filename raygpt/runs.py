@@ -1,0 +1,147 @@
+"""A run: its folder, the objects it trains, resuming it, printing progress, saving its checkpoints.
+
+Shared by the local loop (raygpt.local) and the Ray worker (raygpt.distributed) so both build, resume and
+save a run the same way. No Ray here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from raygpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_training, save_checkpoint
+from raygpt.config import Config, ConfigError
+from raygpt.model import GPT
+from raygpt.tokenizer import Tokenizer
+from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_device, resolve_precision,
+                          rng_state, set_rng_state)
+
+
+def run_dir(cfg: Config) -> Path:
+    """out_dir/run_name; a run without a name gets a fresh timestamped one (written back to cfg)."""
+    if cfg.train.run_name is None:
+        cfg.train.run_name = datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")
+    return Path(cfg.train.out_dir) / cfg.train.run_name
+
+
+def with_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
+    """cfg with model.vocab_size filled from the tokenizer (or checked against it when set)."""
+    m = cfg.model
+    if m.vocab_size is None:
+        cfg.model = dataclasses.replace(m, vocab_size=tokenizer.vocab_size)
+    elif m.vocab_size < tokenizer.vocab_size:
+        raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
+                          f"({tokenizer.vocab_size}); leave it unset or raise it")
+    return cfg
+
+
+def check_resumable(cfg: Config, saved: Config, path: Path) -> None:
+    """A run resumes only into the same model and tokenizer settings; say which key differs."""
+    for section in ("model", "data"):
+        mine, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(saved, section))
+        for key in mine:
+            if section == "model" and key == "vocab_size" and mine[key] is None:
+                continue
+            if section == "data" and key not in ("source", "tokenizer", "bpe_vocab_size", "tokenizer_path"):
+                continue
+            if mine[key] != theirs[key]:
+                raise ConfigError(f"cannot resume {path}: {section}.{key} was {theirs[key]!r} there and is "
+                                  f"{mine[key]!r} now; use another train.run_name for a new run")
+
+
+@dataclass
+class Training:
+    """Everything one process trains with."""
+    model: nn.Module  # possibly compiled; DDP wrapping happens outside
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    state: TrainState
+    data_state: dict
+    device: torch.device
+    precision: str
+    flops_per_token: float
+
+
+def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = None) -> Training:
+    """Model, optimizer and scaler from cfg (model.vocab_size must be set), restored from ``resume``."""
+    precision = resolve_precision(cfg.train.precision, device)
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device)
+    state, data_state, rng = TrainState(), {}, None
+    if resume is not None:
+        saved_model, _, _, saved = load_checkpoint(resume, device=device)
+        model.load_state_dict(saved_model.state_dict())
+    optimizer = configure_optimizer(model, cfg.optim, device)
+    scaler = make_scaler(device, precision)
+    if resume is not None:
+        state, rng, data_state = restore_training(saved, optimizer, scaler)
+        set_rng_state(rng)
+    flops = model.flops_per_token()
+    if cfg.train.compile:
+        model = torch.compile(model)
+    return Training(model, optimizer, scaler, state, data_state, device, precision, flops)
+
+
+def find_resume(cfg: Config, path: Path) -> Optional[Path]:
+    """The latest valid checkpoint of the run at ``path``, checked against cfg; None for a new run."""
+    ckpt = latest_checkpoint(path / "checkpoints")
+    if ckpt is None:
+        return None
+    from raygpt.checkpoint import load_config_of
+    check_resumable(cfg, load_config_of(ckpt), ckpt)
+    return ckpt
+
+
+def save_run_checkpoint(path: Path, cfg: Config, tokenizer: Tokenizer, t: Training, metrics: dict,
+                        data_state: dict) -> Path:
+    """Write checkpoints/step_NNNNNN under the run and keep the newest train.keep_checkpoints."""
+    ckpt = save_checkpoint(path / "checkpoints" / f"step_{t.state.step:06d}", t.model, cfg, tokenizer,
+                           optimizer=t.optimizer, scaler=t.scaler, train_state=t.state, rng=rng_state(),
+                           data_state=data_state, metrics=metrics)
+    prune_checkpoints(path / "checkpoints", cfg.train.keep_checkpoints)
+    return ckpt
+
+
+def prune_checkpoints(directory: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` step_* checkpoints (only complete ones count)."""
+    ckpts = sorted(p for p in directory.glob("step_*") if p.is_dir())
+    for old in ckpts[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def format_progress(m: dict, max_steps: int) -> str:
+    """One line per log interval: step/total, loss, val loss, speed, elapsed and ETA."""
+    parts = [f"step {m['step']:>{len(str(max_steps))}}/{max_steps}", f"loss {m['loss']:.4f}"]
+    if "val_loss" in m:
+        parts.append(f"val {m['val_loss']:.4f}")
+    parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s",
+              f"{m['step_time_ms']:.1f} ms/step"]
+    if "mfu" in m:
+        parts.append(f"mfu {100 * m['mfu']:.1f}%")
+    elapsed = m["elapsed_s"]
+    eta = elapsed / m["step"] * (max_steps - m["step"]) if m["step"] else 0.0
+    parts.append(f"{_hms(elapsed)} elapsed, ETA {_hms(eta)}")
+    return " | ".join(parts)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def device_for(cfg: Config) -> torch.device:
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device={cfg.train.device} but CUDA is not available; use train.device=auto")
+    return device
+
+
+__all__ = ["run_dir", "with_vocab", "build_training", "find_resume", "save_run_checkpoint", "format_progress",
+           "Training", "CheckpointError", "device_for"]

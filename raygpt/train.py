@@ -1,0 +1,281 @@
+"""The training core as free functions: optimizer, LR schedule, precision, one step, eval, the loop.
+
+``train_loop`` is a plain function over an iterator of batches and a ``report`` callable. The local run
+(raygpt.run) and the Ray worker (raygpt.distributed) both call it; neither re-implements a step. No Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from raygpt.config import Config, OptimConfig, TrainConfig, grad_accum_steps
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) token ids, y shifted by one
+
+# Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, no sparsity); fp32 runs use the TF32 figure.
+# MFU for a GPU not listed, or on CPU, needs train.peak_flops.
+PEAK_FLOPS = {  # name fragment: (bf16/fp16, tf32)
+    "H200": (989e12, 494e12),
+    "H100 PCIe": (756e12, 378e12),
+    "H100": (989e12, 494e12),  # SXM
+    "A100": (312e12, 156e12),
+    "L40S": (362e12, 183e12),
+    "L4": (121e12, 60e12),
+    "A10G": (70e12, 35e12),
+    "A10": (125e12, 62.5e12),
+    "RTX 4090": (165e12, 82.6e12),
+    "V100": (125e12, 15.7e12),  # no TF32: plain fp32 peak
+    "T4": (65e12, 8.1e12),
+}
+
+
+# --------------------------------------------------------------------------- device and precision
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """auto: bf16 where the GPU supports it, fp16 (with a GradScaler) on older GPUs, fp32 elsewhere."""
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The autocast context for a forward pass; a no-op for fp32."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def make_scaler(device: torch.device, precision: str) -> torch.amp.GradScaler:
+    """fp16 needs loss scaling; for other precisions the scaler is disabled and passes through."""
+    return torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
+def peak_flops(device: torch.device, precision: str, override: Optional[float] = None) -> Optional[float]:
+    """Peak FLOP/s of one device for MFU: the user's figure, else the table above, else None."""
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for fragment, (half, tf32) in PEAK_FLOPS.items():
+        if fragment in name:
+            return tf32 if precision == "fp32" else half
+    return None
+
+
+# --------------------------------------------------------------------------- optimizer and schedule
+
+
+def configure_optimizer(model: nn.Module, optim: OptimConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (linear and embedding weights) only: biases and LayerNorm
+    parameters are 1-D and decaying them hurts. Fused kernel on CUDA."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}  # tied weights appear once
+    decay = [p for p in params.values() if p.dim() >= 2]
+    no_decay = [p for p in params.values() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+                             fused=device.type == "cuda")
+
+
+def lr_at(step: int, optim: OptimConfig, max_steps: int) -> float:
+    """Linear warmup to optim.lr, then cosine decay to optim.min_lr at decay_steps (default max_steps)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    decay_steps = optim.decay_steps or max_steps
+    if step >= decay_steps:
+        return optim.min_lr
+    progress = (step - optim.warmup_steps) / max(1, decay_steps - optim.warmup_steps)
+    return optim.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (optim.lr - optim.min_lr)
+
+
+# --------------------------------------------------------------------------- data for the local loop
+
+
+class TokenBatches:
+    """Random (block_size + 1)-token windows from one token array, nanoGPT style, for the local loop.
+
+    Its position in the data is its generator's state, saved in checkpoints so a resumed run draws the
+    same batches the uninterrupted one would have."""
+
+    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int,
+                 device: torch.device | str = "cpu"):
+        if len(tokens) <= block_size + 1:
+            raise ValueError(f"{len(tokens)} tokens are too few for one block of {block_size} + 1; "
+                             f"use more text or a smaller model.block_size")
+        self.tokens = torch.from_numpy(np.asarray(tokens, dtype=np.int64))
+        self.block_size, self.batch_size = block_size, batch_size
+        self.device = torch.device(device)
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        T = self.block_size
+        ix = torch.randint(len(self.tokens) - T - 1, (self.batch_size,), generator=self.generator)
+        rows = torch.stack([self.tokens[i:i + T + 1] for i in ix.tolist()])  # (B, T + 1)
+        rows = rows.to(self.device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
+    def state_dict(self) -> dict:
+        return {"generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+
+
+# --------------------------------------------------------------------------- step and eval
+
+
+@dataclass
+class TrainState:
+    """Where a run is: restored from a checkpoint on resume."""
+    step: int = 0  # optimizer steps done
+    tokens_seen: int = 0
+    best_val_loss: Optional[float] = None
+    elapsed: float = 0.0  # training seconds before this process (for ETA across resumes)
+    extra: dict = field(default_factory=dict)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               batches: Iterator[Batch], grad_accum: int, lr: float, grad_clip: float,
+               amp_context: Callable[[], contextlib.AbstractContextManager]) -> dict:
+    """One optimizer step over ``grad_accum`` micro-steps. Returns loss (mean over micro-steps) and the
+    gradient norm before clipping. Under DDP the all-reduce runs on the last micro-step only."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    for micro_step in range(grad_accum):
+        x, y = next(batches)
+        last = micro_step == grad_accum - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with amp_context():
+                _, loss = model(x, y)
+            loss_sum += loss.detach()
+            scaler.scale(loss / grad_accum).backward()
+    scaler.unscale_(optimizer)
+    # clip_grad_norm_ returns the norm before clipping; max_norm=inf measures without clipping.
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    # .item() is a device sync: once per optimizer step is the price of logging a number.
+    return {"loss": loss_sum.item() / grad_accum, "grad_norm": grad_norm.item(), "lr": lr}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[Batch], eval_steps: int,
+             amp_context: Callable[[], contextlib.AbstractContextManager]) -> dict:
+    """Mean loss over ``eval_steps`` batches (fewer if the iterable runs out) and its perplexity."""
+    was_training = model.training
+    model.eval()
+    losses = []
+    for x, y in batches:
+        with amp_context():
+            _, loss = model(x, y)
+        losses.append(loss.float())
+        if len(losses) == eval_steps:
+            break
+    model.train(was_training)
+    if not losses:
+        raise ValueError("evaluation got no batches: the val split is empty")
+    val_loss = torch.stack(losses).mean().item()
+    return {"val_loss": val_loss, "val_perplexity": math.exp(min(val_loss, 50.0))}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               train_batches: Iterator[Batch], val_batches: Callable[[], Iterable[Batch]],
+               report: Callable[..., None], state: TrainState, *, device: torch.device, precision: str,
+               world_size: int = 1, flops_per_token: Optional[float] = None) -> TrainState:
+    """Train from ``state.step`` to ``cfg.train.max_steps``.
+
+    ``report(metrics, state, final=False)`` is called every log interval, every eval (with val_loss) and
+    at the end; when ``metrics["checkpoint"]`` is true the caller should save one now (its interval, or
+    the end). The caller owns printing, checkpoint writing and Ray: this loop only trains.
+    """
+    t: TrainConfig = cfg.train
+    grad_accum = grad_accum_steps(t, world_size)
+    tokens_per_step = t.batch_size * grad_accum * world_size * cfg.model.block_size
+    peak = peak_flops(device, precision, t.peak_flops)
+    amp = lambda: autocast(device, precision)  # noqa: E731 (a factory: each micro-step enters it anew)
+    model.train()
+    window_start, window_steps = time.perf_counter(), 0
+    start_time = time.perf_counter() - state.elapsed
+    metrics: dict = {}
+    while state.step < t.max_steps:
+        lr = lr_at(state.step, cfg.optim, t.max_steps)
+        metrics = train_step(model, optimizer, scaler, train_batches, grad_accum, lr, cfg.optim.grad_clip, amp)
+        state.step += 1
+        state.tokens_seen += tokens_per_step
+        state.elapsed = time.perf_counter() - start_time
+        window_steps += 1
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; "
+                                     f"lower optim.lr or use precision=bf16/fp32")
+        done = state.step == t.max_steps
+        log = state.step % t.log_interval == 0 or state.step == 1 or done
+        do_eval = state.step % t.eval_interval == 0 or done
+        ckpt = state.step % t.checkpoint_interval == 0 or done
+        if not (log or do_eval or ckpt):
+            continue
+        now = time.perf_counter()
+        step_time = (now - window_start) / window_steps
+        metrics.update(step=state.step, tokens_seen=state.tokens_seen, step_time_ms=1000 * step_time,
+                       tokens_per_s=tokens_per_step / step_time, elapsed_s=state.elapsed)
+        if flops_per_token and peak:
+            # Per device: each device processes tokens_per_step / world_size tokens per step.
+            metrics["mfu"] = flops_per_token * tokens_per_step / world_size / step_time / peak
+        if do_eval:
+            metrics.update(evaluate(model, val_batches(), t.eval_steps, amp))
+            if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
+                state.best_val_loss = metrics["val_loss"]
+        metrics["checkpoint"] = ckpt
+        report(metrics, state, final=done)
+        # Time spent evaluating and saving is not training time: restart the speed window.
+        window_start, window_steps = time.perf_counter(), 0
+    return state
+
