@@ -1,0 +1,232 @@
+"""Core speed: training step time, tokens/s and MFU, and generation with and without the KV cache.
+
+    python bench/core_speed.py [CONFIG] [key=value ...] [--steps N] [--warmup N] [--gen-tokens N]
+                               [--matrix] [--out results.json]
+
+    python bench/core_speed.py configs/default.yaml
+    python bench/core_speed.py configs/gpt2_124m.yaml --matrix --out gpt2_124m.json     # on a GPU
+
+It times the real raygpt.train.train_step and raygpt.generate.generate_tokens on random token ids, so it
+needs no corpus and no tokenizer, and imports only the raygpt core (never Ray): it runs from a checkout
+on a bare GPU box with torch, numpy, pyyaml and safetensors. It prints figures; it asserts no speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from raygpt.checkpoint import unwrap  # noqa: E402
+from raygpt.cli import split_config_args  # noqa: E402
+from raygpt.config import Config, ConfigError, grad_accum_steps, load_config  # noqa: E402
+from raygpt.generate import generate_tokens  # noqa: E402
+from raygpt.model import GPT  # noqa: E402
+from raygpt.runs import build_training, device_for  # noqa: E402
+from raygpt.train import TokenBatches, autocast, lr_at, peak_flops, resolve_precision, train_step  # noqa: E402
+
+DEFAULT_VOCAB = 256  # when model.vocab_size is left to the tokenizer: a byte-sized vocabulary
+DATA_TOKENS = 2_000_000  # random ids to draw windows from; speed does not depend on the text
+# --matrix rows: overrides on top of the command line's.
+MATRIX = {"fp32": ["train.precision=fp32", "train.compile=false"],
+          "bf16": ["train.precision=bf16", "train.compile=false"],
+          "bf16+compile": ["train.precision=bf16", "train.compile=true"]}
+
+
+def bench_config(path, overrides) -> Config:
+    cfg = load_config(path, overrides)
+    cfg.model = dataclasses.replace(cfg.model, vocab_size=cfg.model.vocab_size or DEFAULT_VOCAB)
+    return cfg
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:  # not Linux: platform's (often vaguer) answer below
+        pass
+    return platform.processor() or platform.machine()
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # CUDA runs ahead of Python: wait before reading the clock
+
+
+def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
+    """Time ``steps`` optimizer steps of the real train_step after ``warmup`` untimed ones."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = build_training(cfg, device)  # the model, optimizer, scaler and compile exactly as a run builds them
+    tc, block = cfg.train, cfg.model.block_size
+    grad_accum = grad_accum_steps(tc)
+    tokens_per_step = tc.batch_size * grad_accum * block
+    ids = np.random.default_rng(tc.seed).integers(0, cfg.model.vocab_size, max(DATA_TOKENS, 4 * tokens_per_step))
+    batches = TokenBatches(ids, block, tc.batch_size, tc.seed, device)
+    amp = lambda: autocast(device, t.precision)  # noqa: E731 (a factory: each micro-step enters it anew)
+    t.model.train()
+
+    def run(first: int, n: int) -> dict:
+        metrics = {}
+        for step in range(first, first + n):
+            lr = lr_at(step, cfg.optim, tc.max_steps)
+            # train_step ends in .item(): a device sync per step, so each step has finished when it returns.
+            metrics = train_step(t.model, t.optimizer, t.scaler, batches, grad_accum, lr, cfg.optim.grad_clip, amp)
+        return metrics
+
+    start = time.perf_counter()
+    run(0, warmup)  # allocator, kernel selection and, with train.compile, tracing and code generation
+    warmup_s = time.perf_counter() - start
+    sync(device)
+    start = time.perf_counter()
+    metrics = run(warmup, steps)
+    sync(device)
+    step_s = (time.perf_counter() - start) / steps
+    peak = peak_flops(device, t.precision, tc.peak_flops)
+    return {"precision": t.precision, "compile": tc.compile, "params": unwrap(t.model).num_params(),
+            "batch_size": tc.batch_size, "grad_accum": grad_accum, "block_size": block,
+            "tokens_per_step": tokens_per_step, "warmup_steps": warmup, "warmup_s": warmup_s, "steps": steps,
+            "ms_per_step": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s,
+            # The same MFU as train_loop reports: model FLOPs per token x tokens/s over the device's peak.
+            "mfu": t.flops_per_token * tokens_per_step / step_s / peak if peak else None,
+            "peak_flops": peak, "final_loss": metrics["loss"],
+            "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def measure_generation(cfg: Config, device: torch.device, precision: str, n_tokens: int) -> list[dict]:
+    """Greedy generation from a 1-token prompt with and without the KV cache: once inside the window
+    (both paths see the same context, so the ids must agree) and once over 2 x block_size (the window
+    slides: the cache is refilled every block_size/4 tokens, the uncached path re-reads a full block)."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device).eval()  # random weights: the cost per token does not depend on them
+    amp = lambda: autocast(device, precision)  # noqa: E731
+    block = cfg.model.block_size
+
+    def timed(n: int, use_cache: bool) -> tuple[list[int], float]:
+        sync(device)
+        start = time.perf_counter()
+        # generate_tokens yields int(id): a sync per token, so the clock stops after the last one.
+        ids = list(generate_tokens(model, [0], n, temperature=0, use_cache=use_cache, amp=amp))
+        return ids, n / (time.perf_counter() - start)
+
+    for use_cache in (True, False):  # warm-up: first kernel launches, the allocator
+        timed(min(8, block), use_cache)
+    rows = []
+    for label, n in (("within block", min(n_tokens, block)), ("2 x block (sliding)", 2 * block)):
+        cached, cached_tps = timed(n, True)
+        plain, plain_tps = timed(n, False)
+        row = {"measurement": label, "tokens": n, "cache_tokens_per_s": cached_tps,
+               "no_cache_tokens_per_s": plain_tps, "speedup": cached_tps / plain_tps, "same_ids": None}
+        if n <= block:
+            row["same_ids"] = cached == plain
+            first = next((i for i, (a, b) in enumerate(zip(cached, plain)) if a != b), None)
+            # fp32 differs only by summation order, far below the gaps between logits: a mismatch is a bug.
+            # bf16/fp16 rounding can flip a near tie of random weights, so there it is reported, not fatal.
+            if first is not None and precision == "fp32":
+                raise AssertionError(f"greedy ids with and without the KV cache differ at token {first}")
+            row["first_difference"] = first
+        rows.append(row)
+    return rows
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
+    line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def train_row(name: str, r: dict) -> list[str]:
+    mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (set train.peak_flops)"
+    mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
+    return [name, r["precision"], str(r["compile"]).lower(), f"{r['params'] / 1e6:.2f}M",
+            f"{r['tokens_per_step']:,}", f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", mfu, mem,
+            f"{r['final_loss']:.3f}", f"{r['warmup_s']:.1f}"]
+
+
+def same_ids_text(g: dict) -> str:
+    if g["same_ids"] is None:
+        return "- (contexts differ)"  # past block_size the cache keeps 3/4 of a block, the uncached path a full one
+    return "yes" if g["same_ids"] else f"no (from token {g['first_difference']})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("config", nargs="*", help="[CONFIG] [key=value ...] as for raygpt train")
+    p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first (include compile)")
+    p.add_argument("--gen-tokens", type=int, default=256, help="tokens for the within-block measurement "
+                   "(capped at block_size; 0 skips generation)")
+    p.add_argument("--matrix", action="store_true", help="train rows for fp32, bf16 and bf16+compile")
+    p.add_argument("--out", help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.gen_tokens < 0:
+        p.error("--steps must be positive, --warmup and --gen-tokens not negative")
+    path, overrides = split_config_args(args.config)
+    try:
+        cfg = bench_config(path, overrides)
+        device = device_for(cfg)
+        precision = resolve_precision(cfg.train.precision, device)
+    except (ConfigError, ValueError) as e:  # a user mistake: one line that says what to fix
+        print(f"core_speed: error: {e}", file=sys.stderr)
+        return 2
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    m = cfg.model
+    result = {"date": datetime.date.today().isoformat(), "config": path, "overrides": overrides,
+              "device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "model": dataclasses.asdict(m), "train": [], "notes": []}
+    print(f"device {result['device']} ({device.type}, {result['threads']} threads) | torch {torch.__version__}\n"
+          f"config {' '.join([path or '(defaults)', *overrides])} | {m.n_layer} layers, {m.n_head} heads, "
+          f"{m.n_embd} wide, block {m.block_size}, vocab {m.vocab_size}, synthetic tokens")
+
+    # One row for the config as given, or the matrix's rows; each is named by its precision and compile.
+    single = {precision + ("+compile" if cfg.train.compile else ""): []}
+    rows = []
+    for name, extra in (MATRIX if args.matrix else single).items():
+        # The matrix's bf16 rows are GPU figures; asked for by name (train.precision=bf16) a row always runs.
+        if args.matrix and "bf16" in name and (device.type != "cuda" or not torch.cuda.is_bf16_supported()):
+            result["notes"].append(f"{name}: skipped (bf16 rows are GPU measurements; this device is {device.type})")
+            continue
+        run_cfg = bench_config(path, overrides + extra) if args.matrix else cfg
+        r = measure_training(run_cfg, device, args.steps, args.warmup)
+        result["train"].append({"name": name, **r})
+        rows.append(train_row(name, r))
+        if not math.isfinite(r["final_loss"]):
+            result["notes"].append(f"{name}: loss is {r['final_loss']} (precision trouble, not a speed figure)")
+    print(f"\ntraining: {args.steps} timed steps after {args.warmup} warm-up steps")
+    print(table(["run", "precision", "compile", "params", "tokens/step", "ms/step", "tokens/s", "MFU",
+                 "peak mem", "loss", "warm-up s"], rows))
+
+    if args.gen_tokens:
+        gen = measure_generation(cfg, device, precision, args.gen_tokens)
+        result["generation"] = {"precision": precision, "rows": gen}
+        print(f"\ngeneration: greedy, 1-token prompt, batch 1, {precision}")
+        print(table(["measurement", "tokens", "cache tok/s", "no-cache tok/s", "speed-up", "same ids"],
+                    [[g["measurement"], g["tokens"], f"{g['cache_tokens_per_s']:,.0f}",
+                      f"{g['no_cache_tokens_per_s']:,.0f}", f"{g['speedup']:.2f}x",
+                      same_ids_text(g)] for g in gen]))
+    for note in result["notes"]:
+        print(f"note: {note}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint)
+from raygpt.config import ConfigError
+from raygpt.generate import load
+from raygpt.local import train_local
+from raygpt.runs import with_vocab
+from raygpt.train import TrainState
+
+from tests.conftest import tiny_config
+
+
+@pytest.fixture
+def saved(tmp_path, tiny_arrays):
+    """A checkpoint of a freshly built (untrained) tiny model, and that model."""
+    from raygpt.model import GPT
+
+    tok = tiny_arrays[0]
+    cfg = with_vocab(tiny_config(tmp_path), tok)
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    path = save_checkpoint(tmp_path / "ckpt", model, cfg, tok, train_state=TrainState(step=7, tokens_seen=70),
+                           metrics={"val_loss": 1.5})
+    return path, model, cfg
+
+
+def test_save_then_load_gives_identical_logits(saved):
+    path, model, cfg = saved
+    loaded, cfg2, tok, state = load_checkpoint(path)
+    x = torch.randint(0, cfg.model.vocab_size, (2, 32))
+    torch.testing.assert_close(loaded(x, x)[0], model(x, x)[0], rtol=0, atol=0)
+    assert cfg2 == cfg and state["train"]["step"] == 7
+    meta = read_meta(path)
+    assert (meta["step"], meta["tokens_seen"], meta["val_loss"], meta["format_version"]) == (7, 70, 1.5, 1)
+    assert {p.name for p in path.iterdir()} == {"model.safetensors", "trainer_state.pt", "config.yaml",
+                                                "tokenizer.json", "meta.json"}
+
+
+def test_a_crash_mid_save_leaves_no_checkpoint(saved, monkeypatch):
+    path, model, cfg = saved
+    import raygpt.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.Config, "save", boom)  # dies after the weights were written
+    with pytest.raises(OSError):
+        save_checkpoint(path.parent / "step_000009", model, cfg, load(path).tokenizer, train_state=TrainState(step=9))
+    assert not (path.parent / "step_000009").exists()
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # temp dir cleaned
+    assert latest_checkpoint(path.parent) == path  # the previous one is still the latest valid
+
+
+def test_partial_directory_is_not_taken_for_a_checkpoint(saved):
+    path, *_ = saved
+    partial = path.parent / "step_000099"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes((path / "model.safetensors").read_bytes())
+    assert latest_checkpoint(path.parent) == path
+    with pytest.raises(CheckpointError, match="no meta.json"):
+        load(partial)
+
+
+def test_corrupt_and_foreign_checkpoints_give_clear_errors(saved, tmp_path):
+    path, *_ = saved
+    with pytest.raises(CheckpointError, match="does not exist"):
+        load(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="not a raygpt checkpoint"):
+        load(tmp_path / "empty")
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load(path)
+    weights.write_bytes(data[:-4] + b"\x00\x01\x02\x03")
+    with pytest.raises(CheckpointError, match="corrupt"):
+        load(path)
+    weights.write_bytes(data)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["format_version"] = 99
+    (path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match="format version 99"):
+        load(path)
+
+
+def test_resume_equals_uninterrupted(tmp_path, tiny_arrays):
+    # dropout on: the resumed run must restore the RNG too, not only the weights and the data position
+    over = ["model.dropout=0.1", "train.max_steps=30", "train.checkpoint_interval=10", "train.log_interval=1",
+            "train.keep_checkpoints=5"]
+    quiet = dict(print_fn=lambda s: None)
+    full = train_local(tiny_config(tmp_path, "train.run_name=full", *over), tiny_arrays, **quiet)
+    # An interrupted run: the same run stopped after its step-10 checkpoint (later ones never written).
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000010", tmp_path / "cut" / "checkpoints" / "step_000010")
+    resumed = train_local(tiny_config(tmp_path, "train.run_name=cut", *over), tiny_arrays, **quiet)
+    losses_full = {m["step"]: m["loss"] for m in full.metrics}
+    losses_resumed = {m["step"]: m["loss"] for m in resumed.metrics}
+    assert sorted(losses_resumed) == list(range(11, 31))  # continued from the checkpoint, not from zero
+    for step, loss in losses_resumed.items():
+        assert loss == pytest.approx(losses_full[step], abs=1e-6), step
+    assert losses_full[30] < losses_full[1] - 0.5  # and it learned something
+    assert resumed.checkpoint.name == "step_000030"
+
+
+def test_resume_refuses_a_different_model(tmp_path, tiny_arrays):
+    train_local(tiny_config(tmp_path, "train.run_name=r", "train.max_steps=10"), tiny_arrays, print_fn=lambda s: None)
+    with pytest.raises(ConfigError, match="model.n_layer was 2"):
+        train_local(tiny_config(tmp_path, "train.run_name=r", "model.n_layer=3"), tiny_arrays, print_fn=lambda s: None)

@@ -1,0 +1,40 @@
+import subprocess
+import sys
+from pathlib import Path
+
+from raygpt.cli import main, split_config_args
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.max_steps=20",
+        "optim.warmup_steps=2", "train.batch_size=4", "train.log_interval=10", "train.eval_interval=10",
+        "train.eval_steps=2", "data.max_chars=30000", "data.split=tail", "train.device=cpu", "sample.max_new_tokens=20",
+        "sample.num_samples=1"]
+
+
+def test_config_args_split():
+    assert split_config_args(["c.yaml", "a.b=1"]) == ("c.yaml", ["a.b=1"])
+    assert split_config_args(["a.b=1"]) == (None, ["a.b=1"])
+    assert split_config_args([]) == (None, [])
+
+
+def test_jobs_train_runs_prints_samples_and_the_checkpoint(tmp_path):
+    out = subprocess.run([sys.executable, "jobs/train.py", "configs/default.yaml", *TINY, f"train.out_dir={tmp_path}",
+                          "train.run_name=cli"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "step 20/20" in out.stdout and "--- sample 1" in out.stdout
+    ckpt = tmp_path / "cli" / "checkpoints" / "step_000020"
+    assert f"checkpoint: {ckpt}" in out.stdout
+    assert (tmp_path / "cli" / "config.yaml").is_file() and (tmp_path / "cli" / "metrics.jsonl").is_file()
+    gen = subprocess.run([sys.executable, "jobs/generate.py", str(ckpt), "def", "--max-new-tokens", "15",
+                          "--seed", "1", "--top-k", "5"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert gen.returncode == 0, gen.stderr[-3000:]
+    assert gen.stdout.startswith("def") and len(gen.stdout) > 4
+
+
+def test_user_errors_are_one_line(capsys, tmp_path):
+    assert main(["train", "model.n_embd=100", "model.n_head=3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "model.n_embd=100 is not divisible by model.n_head=3" in err
+    assert main(["generate", str(tmp_path)]) == 2
+    assert "not a raygpt checkpoint" in capsys.readouterr().err
+    assert main(["bogus"]) == 2

@@ -1,0 +1,94 @@
+import pytest
+import torch
+
+from raygpt.generate import TextGenerator, filter_top_k, filter_top_p, generate_tokens, load, sample_next
+from raygpt.local import train_local
+
+from tests.conftest import tiny_config
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny model trained for a few seconds (300 steps) on TEXT: its checkpoint path."""
+    from raygpt.data.corpus import encode_documents
+    from raygpt.tokenizer import train_tokenizer
+    from tests.conftest import TEXT
+
+    tok = train_tokenizer("char", [TEXT])
+    ids = encode_documents([TEXT], tok)
+    cfg = tiny_config(tmp_path_factory.mktemp("gen"), "train.max_steps=300", "optim.lr=3e-3", "train.run_name=g")
+    return train_local(cfg, (tok, ids[:4000], ids[4000:]), print_fn=lambda s: None).checkpoint
+
+
+def test_top_k_keeps_exactly_k():
+    logits = torch.randn(3, 100, generator=torch.Generator().manual_seed(0))
+    kept = filter_top_k(logits, 7)
+    assert (torch.isfinite(kept).sum(dim=-1) == 7).all()
+    assert torch.equal(torch.isfinite(kept), logits >= logits.topk(7).values[:, [-1]])
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    probs = torch.tensor([[0.5, 0.05, 0.3, 0.1, 0.05]])
+    kept = torch.isfinite(filter_top_p(probs.log(), 0.75))
+    assert kept.tolist() == [[True, False, True, False, False]]  # 0.5 + 0.3 reaches 0.75; 0.5 alone does not
+    kept = torch.isfinite(filter_top_p(probs.log(), 0.85))
+    assert kept.tolist() == [[True, False, True, True, False]]
+    assert torch.isfinite(filter_top_p(probs.log(), 0.1)).sum() == 1  # the top token always stays
+    g = torch.Generator().manual_seed(0)
+    draws = {int(sample_next(probs.log(), 1.0, top_p=0.75, generator=g)) for _ in range(200)}
+    assert draws == {0, 2}
+
+
+def test_temperature_zero_is_greedy():
+    logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 1.0]])
+    assert sample_next(logits, 0.0).tolist() == [1, 0]
+
+
+def test_generate_strings_lists_streams_and_seeds(trained):
+    gen = load(trained, device="cpu")
+    assert isinstance(gen, TextGenerator)
+    a = gen.generate("def f1", max_new_tokens=40, temperature=0.9, top_k=10, seed=3)
+    assert a == gen.generate("def f1", max_new_tokens=40, temperature=0.9, top_k=10, seed=3)  # same seed, same text
+    assert isinstance(a, str) and 0 < len(a) <= 40
+    assert a != gen.generate("def f1", max_new_tokens=40, temperature=0.9, top_k=10, seed=4)
+    pieces = list(gen.generate("def f1", max_new_tokens=40, temperature=0.9, top_k=10, seed=3, stream=True))
+    assert len(pieces) > 1 and "".join(pieces) == a
+    both = gen.generate(["def f1", "    return"], max_new_tokens=20, temperature=0, seed=0)
+    assert isinstance(both, list) and len(both) == 2
+    assert both[0] == gen.generate("def f1", max_new_tokens=20, temperature=0)
+    with pytest.raises(ValueError, match="one prompt"):
+        gen.generate(["a", "b"], stream=True)
+
+
+def test_it_learned_the_corpus(trained):
+    out = load(trained).generate("def f3(x):\n", max_new_tokens=12, temperature=0)
+    assert out.startswith("    return x"), out
+
+
+def test_stop_strings_cut_before_the_stop(trained):
+    gen = load(trained)
+    full = gen.generate("def f1(x):\n", max_new_tokens=60, temperature=0)
+    assert "\n" in full
+    cut = gen.generate("def f1(x):\n", max_new_tokens=60, temperature=0, stop="\n")
+    assert cut == full[:full.index("\n")]
+    streamed = "".join(gen.generate("def f1(x):\n", max_new_tokens=60, temperature=0, stop=["\n\n", "\n"],
+                                    stream=True))
+    assert streamed == cut
+
+
+def test_cache_and_recompute_agree_and_the_window_slides(trained):
+    gen = load(trained)
+    block = gen.config.model.block_size
+    ids = gen.tokenizer.encode("def f2(x):\n")
+    with_cache = list(generate_tokens(gen.model, ids, block - len(ids), temperature=0, use_cache=True))
+    without = list(generate_tokens(gen.model, ids, block - len(ids), temperature=0, use_cache=False))
+    assert with_cache == without  # inside one block the cache is exact
+    long = list(generate_tokens(gen.model, ids, 3 * block, temperature=0, use_cache=True))
+    assert len(long) == 3 * block  # past block_size the window slides instead of failing
+    long_prompt = "def f1(x):\n    return x\n" * 20  # far longer than block_size: cropped from the left
+    assert len(gen.tokenizer.encode(long_prompt)) > block
+    assert len(gen.generate(long_prompt, max_new_tokens=5, temperature=0)) > 0
+
+
+def test_empty_prompt_starts_a_new_document(trained):
+    assert len(load(trained).generate("", max_new_tokens=10, seed=0)) > 0
