@@ -66,16 +66,16 @@ class OptimConfig:
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 1500
+    max_steps: int = 1200
     # Sequences per micro-step on one worker.
-    batch_size: int = 16
+    batch_size: int = 12
     # Sequences per optimizer step over all workers (None: batch_size x workers). Gradient accumulation
     # is derived from it, so the tokens per step do not change with the worker count.
     global_batch_size: Optional[int] = None
-    eval_interval: int = 250
+    eval_interval: int = 200
     eval_steps: int = 20
     log_interval: int = 50
-    checkpoint_interval: int = 500
+    checkpoint_interval: int = 400
     keep_checkpoints: int = 2
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps

@@ -227,7 +227,7 @@ def _train_bpe(texts: Iterable[str], vocab_size: int | None) -> BPETokenizer:
     if vocab_size is None or isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 257:
         raise ValueError(
             f"bpe tokenizer needs an integer vocab_size > 257 (256 byte tokens + {EOT} + at least "
-            f"one merge), got {vocab_size!r}; set data.vocab_size, e.g. to 8192"
+            f"one merge), got {vocab_size!r}; set data.bpe_vocab_size, e.g. to 4096"
         )
     from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
 
