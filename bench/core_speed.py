@@ -19,6 +19,7 @@ import datetime
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -38,6 +39,7 @@ from raygpt.train import TokenBatches, autocast, lr_at, peak_flops, resolve_prec
 
 DEFAULT_VOCAB = 256  # when model.vocab_size is left to the tokenizer: a byte-sized vocabulary
 DATA_TOKENS = 2_000_000  # random ids to draw windows from; speed does not depend on the text
+GEN_REPEATS = 3  # generation timings are short bursts: the median of 3 per path
 # --matrix rows: overrides on top of the command line's.
 MATRIX = {"fp32": ["train.precision=fp32", "train.compile=false"],
           "bf16": ["train.precision=bf16", "train.compile=false"],
@@ -81,27 +83,28 @@ def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int)
     amp = lambda: autocast(device, t.precision)  # noqa: E731 (a factory: each micro-step enters it anew)
     t.model.train()
 
-    def run(first: int, n: int) -> dict:
-        metrics = {}
+    def run(first: int, n: int) -> tuple[list[float], dict]:
+        times, metrics = [], {}
         for step in range(first, first + n):
             lr = lr_at(step, cfg.optim, tc.max_steps)
-            # train_step ends in .item(): a device sync per step, so each step has finished when it returns.
+            start = time.perf_counter()
+            # train_step ends in .item(): a device sync, so the step has finished on the GPU when it returns.
             metrics = train_step(t.model, t.optimizer, t.scaler, batches, grad_accum, lr, cfg.optim.grad_clip, amp)
-        return metrics
+            times.append(time.perf_counter() - start)
+        return times, metrics
 
-    start = time.perf_counter()
-    run(0, warmup)  # allocator, kernel selection and, with train.compile, tracing and code generation
-    warmup_s = time.perf_counter() - start
     sync(device)
-    start = time.perf_counter()
-    metrics = run(warmup, steps)
-    sync(device)
-    step_s = (time.perf_counter() - start) / steps
+    warmup_times, _ = run(0, warmup)  # allocator, kernel selection and, with train.compile, tracing + codegen
+    times, metrics = run(warmup, steps)
+    # The median step: a shared machine's bursts of other work land in a few steps and would skew the mean
+    # (kept in the JSON; a mean far above the median says the figures were taken on a busy machine).
+    step_s = statistics.median(times)
     peak = peak_flops(device, t.precision, tc.peak_flops)
     return {"precision": t.precision, "compile": tc.compile, "params": unwrap(t.model).num_params(),
             "batch_size": tc.batch_size, "grad_accum": grad_accum, "block_size": block,
-            "tokens_per_step": tokens_per_step, "warmup_steps": warmup, "warmup_s": warmup_s, "steps": steps,
-            "ms_per_step": 1000 * step_s, "tokens_per_s": tokens_per_step / step_s,
+            "tokens_per_step": tokens_per_step, "warmup_steps": warmup, "warmup_s": sum(warmup_times),
+            "steps": steps, "ms_per_step": 1000 * step_s, "mean_ms_per_step": 1000 * statistics.mean(times),
+            "tokens_per_s": tokens_per_step / step_s,
             # The same MFU as train_loop reports: model FLOPs per token x tokens/s over the device's peak.
             "mfu": t.flops_per_token * tokens_per_step / step_s / peak if peak else None,
             "peak_flops": peak, "final_loss": metrics["loss"],
@@ -128,8 +131,15 @@ def measure_generation(cfg: Config, device: torch.device, precision: str, n_toke
         timed(min(8, block), use_cache)
     rows = []
     for label, n in (("within block", min(n_tokens, block)), ("2 x block (sliding)", 2 * block)):
-        cached, cached_tps = timed(n, True)
-        plain, plain_tps = timed(n, False)
+        # Alternate the two paths and keep the median of each: one short burst is at the mercy of whatever
+        # else runs on the machine, and alternating exposes both paths to the same noise.
+        ids, speeds = {}, {True: [], False: []}  # keyed by use_cache
+        for _ in range(GEN_REPEATS):
+            for use_cache in (True, False):
+                ids[use_cache], tps = timed(n, use_cache)
+                speeds[use_cache].append(tps)
+        cached, plain = ids[True], ids[False]
+        cached_tps, plain_tps = statistics.median(speeds[True]), statistics.median(speeds[False])
         row = {"measurement": label, "tokens": n, "cache_tokens_per_s": cached_tps,
                "no_cache_tokens_per_s": plain_tps, "speedup": cached_tps / plain_tps, "same_ids": None}
         if n <= block:
@@ -154,7 +164,7 @@ def train_row(name: str, r: dict) -> list[str]:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (set train.peak_flops)"
     mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
     return [name, r["precision"], str(r["compile"]).lower(), f"{r['params'] / 1e6:.2f}M",
-            f"{r['tokens_per_step']:,}", f"{r['ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", mfu, mem,
+            f"{r['tokens_per_step']:,}", f"{r['ms_per_step']:.1f}", f"{r['mean_ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", mfu, mem,
             f"{r['final_loss']:.3f}", f"{r['warmup_s']:.1f}"]
 
 
@@ -192,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
               "threads": torch.get_num_threads(), "model": dataclasses.asdict(m), "train": [], "notes": []}
     print(f"device {result['device']} ({device.type}, {result['threads']} threads) | torch {torch.__version__}\n"
           f"config {' '.join([path or '(defaults)', *overrides])} | {m.n_layer} layers, {m.n_head} heads, "
-          f"{m.n_embd} wide, block {m.block_size}, vocab {m.vocab_size}, synthetic tokens")
+          f"{m.n_embd} wide, block {m.block_size}, vocab {m.vocab_size}, batch {cfg.train.batch_size}, synthetic tokens")
 
     # One row for the config as given, or the matrix's rows; each is named by its precision and compile.
     single = {precision + ("+compile" if cfg.train.compile else ""): []}
@@ -208,8 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(train_row(name, r))
         if not math.isfinite(r["final_loss"]):
             result["notes"].append(f"{name}: loss is {r['final_loss']} (precision trouble, not a speed figure)")
-    print(f"\ntraining: {args.steps} timed steps after {args.warmup} warm-up steps")
-    print(table(["run", "precision", "compile", "params", "tokens/step", "ms/step", "tokens/s", "MFU",
+    print(f"\ntraining: median of {args.steps} timed steps after {args.warmup} warm-up steps")
+    print(table(["run", "precision", "compile", "params", "tokens/step", "ms/step", "(mean)", "tokens/s", "MFU",
                  "peak mem", "loss", "warm-up s"], rows))
 
     if args.gen_tokens:

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -36,8 +37,14 @@ def print_samples(checkpoint, cfg: Config, print_fn=print) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    path, overrides = split_config_args(argv)
+    """On Ray (a TorchTrainer over prepared shards) unless --local: this process, no Ray."""
+    local = "--local" in argv
+    path, overrides = split_config_args([a for a in argv if a != "--local"])
     cfg = load_config(path, overrides)
+    if not local:
+        from raygpt.distributed import main as train_on_ray  # imports Ray: only on this path
+
+        return train_on_ray(cfg)
     from raygpt.local import train_local
 
     result = train_local(cfg)
@@ -45,6 +52,16 @@ def cmd_train(argv: Sequence[str]) -> int:
         print_samples(result.checkpoint, cfg)
         print(f"\ncheckpoint: {result.checkpoint}")
         print(f"load it:    raygpt.load({str(result.checkpoint)!r}).generate({cfg.sample.prompt!r})")
+    return 0
+
+
+def cmd_prepare(argv: Sequence[str]) -> int:
+    """Tokenize cfg.data into Parquet shards with Ray Data; prints the prepared folder."""
+    path, overrides = split_config_args(argv)
+    cfg = load_config(path, overrides)
+    from raygpt.distributed import run_prepare
+
+    print(f"prepared: {run_prepare(cfg)}")
     return 0
 
 
@@ -82,21 +99,25 @@ def cmd_generate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "generate": cmd_generate}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: raygpt {{{'|'.join(COMMANDS)}}} ...\n"
-              "  train [CONFIG] [key=value ...]   train a GPT (defaults < CONFIG < overrides)\n"
+              "  prepare [CONFIG] [key=value ...] tokenize data.source into Parquet shards (Ray Data)\n"
+              "  train [CONFIG] [key=value ...]   train a GPT on Ray (defaults < CONFIG < overrides);\n"
+              "                                   --local trains in this process without Ray\n"
               "  generate CHECKPOINT [PROMPT]     sample text (see raygpt generate --help)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
-    except (ConfigError, CheckpointError, FileNotFoundError) as e:
-        # A user mistake: one line that says what to fix, not a traceback.
+    except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
+        # A user mistake: one line that says what to fix, not a traceback (RAYGPT_DEBUG=1 shows it).
+        if os.environ.get("RAYGPT_DEBUG"):
+            raise
         print(f"raygpt {argv[0]}: error: {e}", file=sys.stderr)
         return 2
 

@@ -48,6 +48,12 @@ class DataConfig:
     split: Literal["hash", "tail"] = "hash"
     # Cap on corpus characters read (None: all); handy for quick experiments.
     max_chars: Optional[int] = None
+    # JSONL field / Parquet column that holds the text.
+    text_field: str = "text"
+    # Files that are not UTF-8 text (or look binary): "skip" them (counted and reported) or "fail".
+    on_bad_file: Literal["skip", "fail"] = "skip"
+    # Where `raygpt prepare` writes tokenized shards: one folder per fingerprint of sources + settings.
+    prepared_dir: str = "data/prepared"
 
 
 @dataclass
@@ -91,6 +97,21 @@ class TrainConfig:
 
 
 @dataclass
+class RayConfig:
+    # 0 runs Ray Train's local mode: the train function in the driver process, no worker actors.
+    num_workers: int = 1
+    use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    # torch intra-op threads per worker (None: cpus_per_worker, so workers never oversubscribe cores).
+    threads_per_worker: Optional[int] = None
+    # Where Ray Train keeps runs and checkpoints: a local path or a cloud URI (None: train.out_dir).
+    storage_path: Optional[str] = None
+    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
+    # Ray Data prefetch per worker, in batches.
+    prefetch_batches: int = 2
+
+
+@dataclass
 class SampleConfig:
     prompt: str = "def "
     num_samples: int = 2
@@ -114,6 +135,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
@@ -278,6 +300,11 @@ def validate(cfg: Config) -> None:
                           f"train.batch_size={t.batch_size}")
     if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name.startswith(".")):
         raise ConfigError(f"train.run_name={t.run_name!r} must be a plain folder name")
+    r = cfg.ray
+    if r.num_workers < 0 or r.max_failures < 0 or r.prefetch_batches < 0:
+        raise ConfigError("ray.num_workers, ray.max_failures and ray.prefetch_batches must not be negative")
+    positive("ray.cpus_per_worker", r.cpus_per_worker)
+    positive("ray.threads_per_worker", r.threads_per_worker)
     positive("sample.max_new_tokens", s.max_new_tokens)
     positive("sample.num_samples", s.num_samples)
     if s.temperature < 0:

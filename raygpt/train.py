@@ -258,8 +258,8 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
                                      f"lower optim.lr or use precision=bf16/fp32")
         done = state.step == t.max_steps
         log = state.step % t.log_interval == 0 or state.step == 1 or done
-        do_eval = state.step % t.eval_interval == 0 or done
         ckpt = state.step % t.checkpoint_interval == 0 or done
+        do_eval = state.step % t.eval_interval == 0 or ckpt  # every checkpoint carries its val loss
         if not (log or do_eval or ckpt):
             continue
         now = time.perf_counter()

@@ -117,18 +117,31 @@ def is_val(name: str, val_fraction: float) -> bool:
     return zlib.crc32(name.encode("utf-8")) / 2**32 < val_fraction
 
 
-def split_documents(docs: list[Document], data: DataConfig) -> tuple[list[str], list[str]]:
-    """(train texts, val texts) by data.split: whole documents by hash, or the tail of each document."""
+def split_text(name: str, text: str, data: DataConfig) -> list[tuple[str, str]]:
+    """[(split, text)] of one document by data.split: all of it to the split its name hashes to, or
+    (tail) the first 1 - val_fraction to train and the rest to val. Ray Data and the local loop share it."""
     if data.split == "tail":
-        cuts = [int(len(d.text) * (1 - data.val_fraction)) for d in docs]
-        return [d.text[:c] for d, c in zip(docs, cuts)], [d.text[c:] for d, c in zip(docs, cuts) if d.text[c:]]
-    train = [d.text for d in docs if not is_val(d.name, data.val_fraction)]
-    val = [d.text for d in docs if is_val(d.name, data.val_fraction)]
-    if not val or not train:
-        empty = "val" if not val else "train"
-        raise ValueError(f"the {empty} split is empty: {len(docs)} documents with data.val_fraction="
-                         f"{data.val_fraction}; use data.split=tail for a corpus of one or few documents")
-    return train, val
+        cut = int(len(text) * (1 - data.val_fraction))
+        return [(s, t) for s, t in (("train", text[:cut]), ("val", text[cut:])) if t]
+    return [("val" if is_val(name, data.val_fraction) else "train", text)]
+
+
+def split_documents(docs: list[Document], data: DataConfig) -> tuple[list[str], list[str]]:
+    """(train texts, val texts); an empty split is an error that says what to change."""
+    parts: dict[str, list[str]] = {"train": [], "val": []}
+    for d in docs:
+        for split, text in split_text(d.name, d.text, data):
+            parts[split].append(text)
+    check_split_sizes({k: len(v) for k, v in parts.items()}, len(docs), data)
+    return parts["train"], parts["val"]
+
+
+def check_split_sizes(sizes: dict[str, int], n_docs: int, data: DataConfig) -> None:
+    for split in ("train", "val"):
+        if not sizes.get(split):
+            raise ValueError(f"the {split} split is empty: {n_docs} documents with data.val_fraction="
+                             f"{data.val_fraction}; use data.split=tail for a corpus of one or few documents, "
+                             f"or a larger data.val_fraction")
 
 
 def build_tokenizer(data: DataConfig, texts: Iterable[str]) -> Tokenizer:

@@ -17,8 +17,8 @@ def test_config_args_split():
     assert split_config_args([]) == (None, [])
 
 
-def test_jobs_train_runs_prints_samples_and_the_checkpoint(tmp_path):
-    out = subprocess.run([sys.executable, "jobs/train.py", "configs/default.yaml", *TINY, f"train.out_dir={tmp_path}",
+def test_local_train_prints_samples_and_the_checkpoint(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "raygpt.cli", "train", "--local", "configs/default.yaml", *TINY, f"train.out_dir={tmp_path}",
                           "train.run_name=cli"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 20/20" in out.stdout and "--- sample 1" in out.stdout

@@ -1,0 +1,58 @@
+"""One real Ray cluster for the whole test session: `ray start --head` on loopback with 2 CPUs, which
+driver-side tests join with ray.init(address=...) and job tests submit to. Stopped at the end."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+RAY = str(Path(sys.executable).parent / "ray")
+GCS_PORT, DASHBOARD_PORT = 6389, 8275
+DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
+
+# Token auth is Ray's default for new clusters and a stale ~/.ray/auth_token would make the dashboard
+# demand a token: this session's cluster runs without it, set the same way on every side.
+ENV = {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+       # `python` in submitted jobs must be this interpreter
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def pytest_collection_modifyitems(items):
+    for item in items:
+        if "tests/integration" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    os.environ.update(ENV)
+    subprocess.run([RAY, "stop", "--force"], capture_output=True, env={**os.environ}, timeout=120)
+    out = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1",
+                          f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true", "--disable-usage-stats"],
+                         capture_output=True, text=True, env={**os.environ}, timeout=180)
+    assert out.returncode == 0, out.stdout + out.stderr
+    try:
+        ray.init(address=f"127.0.0.1:{GCS_PORT}", logging_config=ray.LoggingConfig(log_level="WARNING"))
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False
+        ctx.print_on_execution_start = False
+        yield {"address": f"127.0.0.1:{GCS_PORT}", "dashboard": DASHBOARD}
+    finally:
+        ray.shutdown()
+        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(1)
+    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")

@@ -1,0 +1,103 @@
+"""Ray Data prepare: sources of every kind -> tokenized Parquet shards + manifest."""
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raygpt.config import load_config
+from raygpt.data.corpus import is_val
+from raygpt.data.pipeline import PrepareError, load_manifest, prepare, prepared_tokenizer, shard_paths
+
+
+def corpus(tmp_path):
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    for i in range(30):
+        (root / "sub" / f"doc{i}.txt").write_text(f"document {i}: " + "the quick brown fox " * (5 + i) + "\n")
+    (root / "notes.md").write_text("# notes\nünïcödé text — fine\n")
+    (root / "records.jsonl").write_text("\n".join(json.dumps({"text": f"record {i} " * 10, "id": i}) for i in range(5)))
+    pq.write_table(pa.table({"text": [f"parquet row {i} " * 8 for i in range(4)]}), root / "table.parquet")
+    (root / "image.bin").write_bytes(b"\x89PNG\x00\x00\xff\xfe" * 10)
+    (root / "latin1.txt").write_bytes("caf\xe9".encode("latin-1"))
+    return root
+
+
+def cfg_for(tmp_path, source, *over):
+    return load_config(None, [f"data.source={source}", f"data.prepared_dir={tmp_path / 'prepared'}",
+                              "data.val_fraction=0.2", *over])
+
+
+def read_ids(folder, split):
+    return [t for f in shard_paths(folder, split) for row in pq.read_table(f).column("tokens").to_pylist() for t in row]
+
+
+def test_prepare_reads_every_kind_and_writes_a_manifest(ray_cluster, tmp_path):
+    root = corpus(tmp_path)
+    cfg = cfg_for(tmp_path, root)
+    out = prepare(cfg.data, print_fn=lambda s: None)
+    m = load_manifest(out)
+    tok = prepared_tokenizer(out)
+    assert m["tokenizer"] == "char" and m["vocab_size"] == tok.vocab_size
+    assert sorted(m["skipped_files"]) == ["image.bin: binary (contains NUL bytes)",
+                                          "latin1.txt: not UTF-8 (unexpected end of data at byte 3)"]
+    train, val = read_ids(out, "train"), read_ids(out, "val")
+    assert m["splits"]["train"]["tokens"] == len(train) and m["splits"]["val"]["tokens"] == len(val) and val
+    text = tok.decode(train + val)
+    assert "record 3" in text and "parquet row 2" in text and "ünïcödé" in text and "quick brown fox" in text
+    assert text.count("<|endoftext|>") == 30 + 1 + 5 + 4  # one per document
+    for shard in m["splits"]["train"]["shards"]:
+        assert pq.read_metadata(out / shard["path"]).num_rows == shard["rows"]
+    assert pq.read_schema(shard_paths(out, "train")[0]).field("tokens").type == pa.list_(pa.int32())
+    # Whole documents go to the split their relative path hashes to: the local loop's rule.
+    val_text, train_text = tok.decode(val), tok.decode(train)
+    in_val = [i for i in range(30) if is_val(f"sub/doc{i}.txt", 0.2)]
+    assert in_val
+    for i in range(30):
+        assert (f"document {i}: " in val_text) == (i in in_val)
+        assert (f"document {i}: " in train_text) == (i not in in_val)
+
+
+def test_prepare_is_idempotent_and_notices_changes(ray_cluster, tmp_path):
+    root = corpus(tmp_path)
+    cfg = cfg_for(tmp_path, root, "data.tokenizer=bytes")
+    first = prepare(cfg.data, print_fn=lambda s: None)
+    stamp = (first / "manifest.json").stat().st_mtime_ns
+    assert prepare(cfg.data, print_fn=lambda s: None) == first  # reused, not redone
+    assert (first / "manifest.json").stat().st_mtime_ns == stamp
+    (root / "sub" / "doc0.txt").write_text("changed text " * 20)
+    second = prepare(cfg.data, print_fn=lambda s: None)
+    assert second != first and first.exists()  # nothing prepared earlier is overwritten
+    other = prepare(cfg_for(tmp_path, root, "data.tokenizer=bytes", "data.val_fraction=0.3").data, print_fn=lambda s: None)
+    assert other not in (first, second)
+    uri = prepare(cfg_for(tmp_path, f"file://{root}", "data.tokenizer=bytes").data, print_fn=lambda s: None)
+    assert load_manifest(uri)["splits"]["train"]["tokens"] > 0
+
+
+def test_bpe_and_globs(ray_cluster, tmp_path):
+    root = corpus(tmp_path)
+    out = prepare(cfg_for(tmp_path, f"{root}/sub/*.txt", "data.tokenizer=bpe", "data.bpe_vocab_size=300").data,
+                  print_fn=lambda s: None)
+    m = load_manifest(out)
+    assert m["tokenizer"] == "bpe" and 257 < m["vocab_size"] <= 300 and m["files"] == 30
+    tok = prepared_tokenizer(out)
+    assert "quick brown fox" in tok.decode(read_ids(out, "train"))
+
+
+def test_bad_input_fails_before_work_and_leaves_nothing(ray_cluster, tmp_path):
+    root = corpus(tmp_path)
+    with pytest.raises(PrepareError, match="does not exist"):
+        prepare(cfg_for(tmp_path, tmp_path / "missing").data, print_fn=lambda s: None)
+    with pytest.raises(PrepareError, match="image.bin.*data.on_bad_file=skip"):
+        prepare(cfg_for(tmp_path, root, "data.on_bad_file=fail").data, print_fn=lambda s: None)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PrepareError, match="empty folder"):
+        prepare(cfg_for(tmp_path, tmp_path / "empty").data, print_fn=lambda s: None)
+    one = tmp_path / "one.txt"
+    one.write_text("a single document " * 50)
+    with pytest.raises(ValueError, match="val split is empty.*data.split=tail"):
+        prepare(cfg_for(tmp_path, one, "data.val_fraction=0.01").data, print_fn=lambda s: None)
+    leftovers = [p.name for p in (tmp_path / "prepared").iterdir()] if (tmp_path / "prepared").exists() else []
+    assert leftovers == []  # no half-written folder, temporary or otherwise
