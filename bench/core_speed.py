@@ -116,6 +116,8 @@ def measure_generation(cfg: Config, device: torch.device, precision: str, n_toke
     (both paths see the same context, so the ids must agree) and once over 2 x block_size (the window
     slides: the cache is refilled every block_size/4 tokens, the uncached path re-reads a full block)."""
     torch.manual_seed(cfg.train.seed)
+    # The plain model even with train.compile: generation changes shapes every token, and the cache path is
+    # what is measured here, not compiled decoding.
     model = GPT(cfg.model).to(device).eval()  # random weights: the cost per token does not depend on them
     amp = lambda: autocast(device, precision)  # noqa: E731
     block = cfg.model.block_size
@@ -164,13 +166,13 @@ def train_row(name: str, r: dict) -> list[str]:
     mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a (set train.peak_flops)"
     mem = f"{r['peak_mem_gib']:.2f} GiB" if r["peak_mem_gib"] is not None else "-"
     return [name, r["precision"], str(r["compile"]).lower(), f"{r['params'] / 1e6:.2f}M",
-            f"{r['tokens_per_step']:,}", f"{r['ms_per_step']:.1f}", f"{r['mean_ms_per_step']:.1f}", f"{r['tokens_per_s']:,.0f}", mfu, mem,
-            f"{r['final_loss']:.3f}", f"{r['warmup_s']:.1f}"]
+            f"{r['tokens_per_step']:,}", f"{r['ms_per_step']:.1f}", f"{r['mean_ms_per_step']:.1f}",
+            f"{r['tokens_per_s']:,.0f}", mfu, mem, f"{r['final_loss']:.3f}", f"{r['warmup_s']:.1f}"]
 
 
 def same_ids_text(g: dict) -> str:
-    if g["same_ids"] is None:
-        return "- (contexts differ)"  # past block_size the cache keeps 3/4 of a block, the uncached path a full one
+    if g["same_ids"] is None:  # past block_size the cache keeps 3/4 of a block, the uncached path a full one
+        return "- (contexts differ)"
     return "yes" if g["same_ids"] else f"no (from token {g['first_difference']})"
 
 
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
               "threads": torch.get_num_threads(), "model": dataclasses.asdict(m), "train": [], "notes": []}
     print(f"device {result['device']} ({device.type}, {result['threads']} threads) | torch {torch.__version__}\n"
           f"config {' '.join([path or '(defaults)', *overrides])} | {m.n_layer} layers, {m.n_head} heads, "
-          f"{m.n_embd} wide, block {m.block_size}, vocab {m.vocab_size}, batch {cfg.train.batch_size}, synthetic tokens")
+          f"{m.n_embd} wide, block {m.block_size}, vocab {m.vocab_size}, batch {cfg.train.batch_size}, "
+          f"synthetic tokens")
 
     # One row for the config as given, or the matrix's rows; each is named by its precision and compile.
     single = {precision + ("+compile" if cfg.train.compile else ""): []}
@@ -212,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.matrix and "bf16" in name and (device.type != "cuda" or not torch.cuda.is_bf16_supported()):
             result["notes"].append(f"{name}: skipped (bf16 rows are GPU measurements; this device is {device.type})")
             continue
-        run_cfg = bench_config(path, overrides + extra) if args.matrix else cfg
-        r = measure_training(run_cfg, device, args.steps, args.warmup)
+        r = measure_training(bench_config(path, overrides + extra), device, args.steps, args.warmup)
         result["train"].append({"name": name, **r})
         rows.append(train_row(name, r))
         if not math.isfinite(r["final_loss"]):

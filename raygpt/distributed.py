@@ -109,6 +109,10 @@ def train_func(config: dict) -> None:
 # --------------------------------------------------------------------------- on the driver
 
 
+# Ray Train's controller takes a worker's report every health-check interval (2 s by default) and a worker
+# blocks on its next report until then: poll faster so frequent reports never stall the step.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+
 # Progress bars and per-report INFO lines drown the one progress line per log interval that rank 0 prints.
 QUIET = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -122,6 +126,22 @@ def connect() -> None:
         return
     ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": QUIET},
              logging_config=ray.LoggingConfig(log_level="WARNING"))
+
+
+def _read_shard(batch):
+    import pyarrow.parquet as pq
+
+    return pq.read_table(batch["path"][0].as_py(), columns=["tokens"])
+
+
+def shard_dataset(paths: list[str]):
+    """A Ray Dataset of the token rows of these Parquet shards, built so no stage needs a CPU slot.
+
+    Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
+    them: a read task that waits for a CPU would hang the run. So the file list comes from the driver and
+    each shard is read by a zero-CPU task (reading Parquet is I/O and memcpy, not compute)."""
+    return ray.data.from_items([{"path": p} for p in paths]).map_batches(
+        _read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0)
 
 
 def check_resources(cfg: Config, use_gpu: bool) -> None:
@@ -159,8 +179,7 @@ def train(cfg: Config, print_fn=print):
                                                        checkpoint_score_attribute="val_loss",
                                                        checkpoint_score_order="min"),
                     failure_config=FailureConfig(max_failures=cfg.ray.max_failures))
-    datasets = {split: ray.data.read_parquet(shard_paths(prepared, split), columns=["tokens"])
-                for split in ("train", "val")}
+    datasets = {split: shard_dataset(shard_paths(prepared, split)) for split in ("train", "val")}
     trainer = TorchTrainer(train_func, train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve())},
                            scaling_config=scaling, run_config=run, datasets=datasets,
                            dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))

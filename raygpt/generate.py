@@ -56,7 +56,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                    amp=None) -> Iterator[int]:
+                    amp=None, cache_dtype: Optional[torch.dtype] = None) -> Iterator[int]:
     """Yield up to max_new_tokens ids continuing ``ids``.
 
     The context is the last block_size tokens. With the KV cache each new token costs one position;
@@ -69,8 +69,9 @@ def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, tempera
     tokens = list(ids)[-block:]
     cache = None
     if use_cache:
-        dtype = next(model.parameters()).dtype
-        cache = KVCache.empty(model.config, 1, device, dtype)
+        # The dtype attention computes in (bf16 under autocast): a cache in fp32 would cost twice the
+        # memory and a cast of the whole cache per layer per token.
+        cache = KVCache.empty(model.config, 1, device, cache_dtype or next(model.parameters()).dtype)
     keep = max(1, block - block // 4)
     context = tokens
     for _ in range(max_new_tokens):
@@ -139,8 +140,9 @@ class TextGenerator:
         new_ids: list[int] = []
         emitted = 0
         amp = lambda: autocast(self.device, self.precision)  # noqa: E731
+        cache_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         for next_id in generate_tokens(self.model, ids, max_new_tokens, temperature, top_k, top_p,
-                                       generator, use_cache, amp):
+                                       generator, use_cache, amp, cache_dtype):
             if next_id == self.tokenizer.eot_id:
                 break
             new_ids.append(next_id)

@@ -72,6 +72,10 @@ class Training:
 def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = None) -> Training:
     """Model, optimizer and scaler from cfg (model.vocab_size must be set), restored from ``resume``."""
     precision = resolve_precision(cfg.train.precision, device)
+    if device.type == "cuda":
+        # fp32 matmuls on tensor cores (TF32), as nanoGPT does; the MFU table's fp32 peak assumes it.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
     state, data_state, rng = TrainState(), {}, None

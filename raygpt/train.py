@@ -23,10 +23,12 @@ Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) token ids, y sh
 
 # Dense bf16 tensor-core peaks, FLOP/s (vendor datasheets, no sparsity); fp32 runs use the TF32 figure.
 # MFU for a GPU not listed, or on CPU, needs train.peak_flops.
-PEAK_FLOPS = {  # name fragment: (bf16/fp16, tf32)
+PEAK_FLOPS = {  # name fragment: (bf16/fp16, tf32); the longest matching fragment wins
     "H200": (989e12, 494e12),
     "H100 PCIe": (756e12, 378e12),
+    "H100 NVL": (835e12, 418e12),
     "H100": (989e12, 494e12),  # SXM
+    "L40": (181e12, 90.5e12),
     "A100": (312e12, 156e12),
     "L40S": (362e12, 183e12),
     "L4": (121e12, 60e12),
@@ -56,6 +58,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     if precision != "auto":
         if precision == "fp16" and device.type == "cpu":
             raise ValueError("train.precision=fp16 needs a GPU; use bf16 or fp32 on CPU")
+        if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError(f"train.precision=bf16: {torch.cuda.get_device_name(device)} has no bf16 support; "
+                             f"use fp16 (or auto)")
         return precision
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
@@ -82,8 +87,9 @@ def peak_flops(device: torch.device, precision: str, override: Optional[float] =
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
-    for fragment, (half, tf32) in PEAK_FLOPS.items():
+    for fragment in sorted(PEAK_FLOPS, key=len, reverse=True):  # "L40S" before "L40" before "L4"
         if fragment in name:
+            half, tf32 = PEAK_FLOPS[fragment]
             return tf32 if precision == "fp32" else half
     return None
 
