@@ -101,7 +101,8 @@ class RayConfig:
     # 0 runs Ray Train's local mode: the train function in the driver process, no worker actors.
     num_workers: int = 1
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
+    # None: the cluster's CPUs shared out over the workers (1 worker on 2 cores gets 2; 2 workers get 1 each).
+    cpus_per_worker: Optional[float] = None
     # torch intra-op threads per worker (None: cpus_per_worker, so workers never oversubscribe cores).
     threads_per_worker: Optional[int] = None
     # Where Ray Train keeps runs and checkpoints: a local path or a cloud URI (None: train.out_dir).

@@ -144,6 +144,18 @@ def shard_dataset(paths: list[str]):
         _read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0)
 
 
+def resolve_cpus(cfg: Config) -> Config:
+    """ray.cpus_per_worker=None: share the cluster's CPUs out over the workers (no more than a node has)."""
+    if cfg.ray.cpus_per_worker is None:
+        import dataclasses
+
+        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+        workers = max(1, cfg.ray.num_workers)
+        share = int(ray.cluster_resources().get("CPU", 1) // workers)
+        cfg.ray = dataclasses.replace(cfg.ray, cpus_per_worker=float(max(1, min(share, int(max(nodes or [1]))))))
+    return cfg
+
+
 def check_resources(cfg: Config, use_gpu: bool) -> None:
     """Fail now, in one line, when the workers cannot be placed (Ray would wait forever)."""
     r = cfg.ray
@@ -166,6 +178,7 @@ def train(cfg: Config, print_fn=print):
     tokenizer = prepared_tokenizer(prepared)
     cfg = with_vocab(cfg, tokenizer)
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    cfg = resolve_cpus(cfg)
     check_resources(cfg, use_gpu)
     if cfg.train.run_name is None:
         from raygpt.runs import run_dir
