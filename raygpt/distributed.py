@@ -112,6 +112,9 @@ def train_func(config: dict) -> None:
 # Ray Train's controller takes a worker's report every health-check interval (2 s by default) and a worker
 # blocks on its next report until then: poll faster so frequent reports never stall the step.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Train V2 routes workers' print() through its logger, which reaches the driver twice; rank 0's progress
+# line is meant to be printed once, as is.
+os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 
 # Progress bars and per-report INFO lines drown the one progress line per log interval that rank 0 prints.
 QUIET = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
@@ -140,8 +143,9 @@ def shard_dataset(paths: list[str]):
     Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
     them: a read task that waits for a CPU would hang the run. So the file list comes from the driver and
     each shard is read by a zero-CPU task (reading Parquet is I/O and memcpy, not compute)."""
+    # concurrency caps the zero-CPU tasks in flight (otherwise Ray starts a worker process per shard).
     return ray.data.from_items([{"path": p} for p in paths]).map_batches(
-        _read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0)
+        _read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=2)
 
 
 def resolve_cpus(cfg: Config) -> Config:

@@ -130,7 +130,7 @@ def format_progress(m: dict, max_steps: int) -> str:
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     elapsed = m["elapsed_s"]
-    eta = elapsed / m["step"] * (max_steps - m["step"]) if m["step"] else 0.0
+    eta = m["step_time_ms"] / 1000 * (max_steps - m["step"])  # at the current speed (start-up excluded)
     parts.append(f"{_hms(elapsed)} elapsed, ETA {_hms(eta)}")
     return " | ".join(parts)
 
