@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from pathlib import Path
 from typing import Optional, Sequence
 
 from raygpt.checkpoint import CheckpointError
@@ -37,21 +36,26 @@ def print_samples(checkpoint, cfg: Config, print_fn=print) -> None:
 
 
 def cmd_train(argv: Sequence[str]) -> int:
-    """On Ray (a TorchTrainer over prepared shards) unless --local: this process, no Ray."""
+    """On Ray (a TorchTrainer over prepared shards) unless --local: this process, no Ray. Ends with
+    samples from the last checkpoint and where it is."""
     local = "--local" in argv
     path, overrides = split_config_args([a for a in argv if a != "--local"])
     cfg = load_config(path, overrides)
-    if not local:
-        from raygpt.distributed import main as train_on_ray  # imports Ray: only on this path
+    if local:
+        from raygpt.local import train_local
 
-        return train_on_ray(cfg)
-    from raygpt.local import train_local
+        checkpoint = train_local(cfg).checkpoint
+    else:
+        from raygpt.distributed import train  # imports Ray: only on this path
 
-    result = train_local(cfg)
-    if result.checkpoint is not None:
-        print_samples(result.checkpoint, cfg)
-        print(f"\ncheckpoint: {result.checkpoint}")
-        print(f"load it:    raygpt.load({str(result.checkpoint)!r}).generate({cfg.sample.prompt!r})")
+        result = train(cfg)
+        checkpoint = result.checkpoint.path if result.checkpoint is not None else None
+    if checkpoint is None:
+        print("raygpt train: the run wrote no checkpoint", file=sys.stderr)
+        return 1
+    print_samples(checkpoint, cfg)
+    print(f"\ncheckpoint: {checkpoint}")
+    print(f"load it:    raygpt.load({str(checkpoint)!r}).generate({cfg.sample.prompt!r})")
     return 0
 
 

@@ -4,12 +4,12 @@ TorchTrainer wiring around it. Model, step, checkpoint format: all from the core
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import os
-import sys
 import tempfile
 from pathlib import Path
-from typing import Iterator, Optional
+from typing import Iterator
 
 import ray
 import ray.train
@@ -19,9 +19,9 @@ from ray.train.torch import TorchTrainer
 
 from raygpt.checkpoint import save_checkpoint
 from raygpt.config import Config, ConfigError, config_from_dict
-from raygpt.data.pipeline import PrepareError, load_manifest, prepare, prepared_tokenizer, shard_paths
+from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, shard_paths
 from raygpt.data.windows import batches
-from raygpt.runs import build_training, format_progress, with_vocab
+from raygpt.runs import build_training, format_progress, name_run, with_vocab
 from raygpt.train import rng_state, train_loop
 
 ROWS_PER_READ = 16  # Parquet rows (4096 tokens each) per Ray Data batch
@@ -32,11 +32,13 @@ ROW_SHUFFLE = 64  # rows in Ray Data's local shuffle buffer
 # --------------------------------------------------------------------------- on each worker
 
 
-def _train_batches(cfg: Config, start_epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x, y) batches from this worker's shard of the train split, reshuffled every epoch."""
+def _train_batches(cfg: Config, position: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x, y) batches from this worker's shard of the train split, reshuffled every epoch.
+    ``position["epoch"]`` is where to start and, as it runs, the epoch being read (saved in checkpoints)."""
     shard = ray.train.get_dataset_shard("train")
     device = ray.train.torch.get_device()
-    for epoch in itertools.count(start_epoch):
+    for epoch in itertools.count(position.get("epoch", 0)):
+        position["epoch"] = epoch
         seed = cfg.train.seed + 1000 * epoch
         rows = shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="numpy", prefetch_batches=cfg.ray.prefetch_batches,
                                   local_shuffle_buffer_size=ROW_SHUFFLE, local_shuffle_seed=seed)
@@ -79,27 +81,26 @@ def train_func(config: dict) -> None:
     else:
         t = build_training(cfg, device)
     model = ray.train.torch.prepare_model(t.model) if world > 1 else t.model
-    epoch = t.data_state.get("epoch", 0)
-    train_batches = _train_batches(cfg, epoch)
+    position = dict(t.data_state)  # updated by the iterator as epochs go by
+    train_batches = _train_batches(cfg, position)
     val = _val_batches(cfg)
     if rank == 0:
         print(f"train: {world} worker(s) on {device} {t.precision}"
               + (f", resuming at step {t.state.step}" if checkpoint is not None else ""), flush=True)
 
-    def report(metrics: dict, state, final: bool = False) -> None:
+    def report(metrics: dict, state, checkpoint: bool) -> None:
         # Every worker calls ray.train.report the same number of times (it is a barrier); rank 0 alone
         # prints and writes the checkpoint, which Ray copies to storage_path.
-        shown = {k: v for k, v in metrics.items() if k != "checkpoint"}
         if rank == 0:
-            print(format_progress(shown, cfg.train.max_steps), flush=True)
-        if not metrics.get("checkpoint") or rank != 0:
-            ray.train.report(shown)
+            print(format_progress(metrics, cfg.train.max_steps), flush=True)
+        if not checkpoint or rank != 0:
+            ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, tokenizer, optimizer=t.optimizer,
                                    scaler=t.scaler, train_state=state, rng=rng_state(),
-                                   data_state={"epoch": epoch}, metrics=shown)
-            ray.train.report(shown, checkpoint=Checkpoint.from_directory(str(path)),
+                                   data_state=dict(position), metrics=metrics)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
                              checkpoint_dir_name=f"step_{state.step:06d}")
 
     train_loop(cfg, model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state, device=device,
@@ -151,8 +152,6 @@ def shard_dataset(paths: list[str]):
 def resolve_cpus(cfg: Config) -> Config:
     """ray.cpus_per_worker=None: share the cluster's CPUs out over the workers (no more than a node has)."""
     if cfg.ray.cpus_per_worker is None:
-        import dataclasses
-
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
         workers = max(1, cfg.ray.num_workers)
         share = int(ray.cluster_resources().get("CPU", 1) // workers)
@@ -184,9 +183,7 @@ def train(cfg: Config, print_fn=print):
     use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
     cfg = resolve_cpus(cfg)
     check_resources(cfg, use_gpu)
-    if cfg.train.run_name is None:
-        from raygpt.runs import run_dir
-        run_dir(cfg)  # names the run
+    name_run(cfg)
     storage = cfg.ray.storage_path or str(Path(cfg.train.out_dir).resolve())
     print_fn(f"train: {manifest['splits']['train']['tokens']:,} train tokens, run {cfg.train.run_name!r} in {storage}")
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
@@ -209,23 +206,4 @@ def run_prepare(cfg: Config) -> Path:
     return prepare(cfg.data)
 
 
-def main(cfg: Config) -> int:
-    """`python jobs/train.py`: train on Ray, then print samples and where the checkpoint is."""
-    from raygpt.cli import print_samples
-
-    try:
-        result = train(cfg)
-    except (ConfigError, PrepareError) as e:
-        print(f"raygpt train: error: {e}", file=sys.stderr)
-        return 2
-    ckpt = result.checkpoint
-    if ckpt is None:
-        print("raygpt train: the run wrote no checkpoint", file=sys.stderr)
-        return 1
-    print_samples(ckpt, cfg)
-    print(f"\ncheckpoint: {ckpt.path}")
-    print(f"load it:    raygpt.load({ckpt.path!r}).generate({cfg.sample.prompt!r})")
-    return 0
-
-
-__all__ = ["train", "train_func", "connect", "check_resources", "main", "run_prepare"]
+__all__ = ["train", "train_func", "connect", "check_resources", "run_prepare"]

@@ -19,7 +19,7 @@ from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
 from raygpt.runs import (build_training, device_for, find_resume, format_progress, run_dir, save_run_checkpoint,
                          with_vocab)
-from raygpt.tokenizer import Tokenizer
+from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.train import TokenBatches, train_loop
 
 
@@ -43,7 +43,6 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
     if arrays is None:
         tokenizer = None
         if resume is not None:
-            from raygpt.tokenizer import load_tokenizer
             tokenizer = load_tokenizer(resume)  # the run's own, not a retrained one
         arrays = prepare_arrays(cfg.data, tokenizer)
     tokenizer, train_ids, val_ids = arrays
@@ -65,13 +64,13 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
     reports: list[dict] = []
     last_ckpt = resume
     with open(path / "metrics.jsonl", "a") as log:
-        def report(metrics: dict, state, final: bool = False) -> None:
+        def report(metrics: dict, state, checkpoint: bool) -> None:
             nonlocal last_ckpt
             reports.append(dict(metrics))
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             print_fn(format_progress(metrics, cfg.train.max_steps))
-            if metrics.get("checkpoint"):
+            if checkpoint:
                 last_ckpt = save_run_checkpoint(path, cfg, tokenizer, t, metrics, train_batches.state_dict())
 
         train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, val_batches, report, t.state,

@@ -24,11 +24,16 @@ from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_
                           rng_state, set_rng_state)
 
 
-def run_dir(cfg: Config) -> Path:
-    """out_dir/run_name; a run without a name gets a fresh timestamped one (written back to cfg)."""
+def name_run(cfg: Config) -> str:
+    """cfg.train.run_name, or a fresh timestamped one written back to cfg (a run without a name is new)."""
     if cfg.train.run_name is None:
         cfg.train.run_name = datetime.datetime.now().strftime("run-%Y%m%d-%H%M%S")
-    return Path(cfg.train.out_dir) / cfg.train.run_name
+    return cfg.train.run_name
+
+
+def run_dir(cfg: Config) -> Path:
+    """out_dir/run_name (named by name_run)."""
+    return Path(cfg.train.out_dir) / name_run(cfg)
 
 
 def with_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:

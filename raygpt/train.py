@@ -239,9 +239,9 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
                world_size: int = 1, flops_per_token: Optional[float] = None) -> TrainState:
     """Train from ``state.step`` to ``cfg.train.max_steps``.
 
-    ``report(metrics, state, final=False)`` is called every log interval, every eval (with val_loss) and
-    at the end; when ``metrics["checkpoint"]`` is true the caller should save one now (its interval, or
-    the end). The caller owns printing, checkpoint writing and Ray: this loop only trains.
+    ``report(metrics, state, checkpoint)`` is called every log interval, every eval (with val_loss) and
+    at the end; when ``checkpoint`` is true the caller should save one now (its interval, or the end).
+    The caller owns printing, checkpoint writing and Ray: this loop only trains.
     """
     t: TrainConfig = cfg.train
     grad_accum = grad_accum_steps(t, world_size)
@@ -279,8 +279,7 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
             metrics.update(evaluate(model, val_batches(), t.eval_steps, amp))
             if state.best_val_loss is None or metrics["val_loss"] < state.best_val_loss:
                 state.best_val_loss = metrics["val_loss"]
-        metrics["checkpoint"] = ckpt
-        report(metrics, state, final=done)
+        report(metrics, state, ckpt)
         # Time spent evaluating and saving is not training time: restart the speed window.
         window_start, window_steps = time.perf_counter(), 0
     return state

@@ -198,8 +198,6 @@ def _tokenize(batch: dict, tokenizer: Tokenizer, data: DataConfig) -> dict:
 
 def prepare(data: DataConfig, print_fn=print) -> Path:
     """Prepare data.source into tokenized shards, or reuse the ones already prepared; returns the folder."""
-    import ray
-
     fs, files = list_sources(data)
     fp = fingerprint(files, data)
     out = Path(data.prepared_dir) / f"{_slug(data.source)}-{fp}"

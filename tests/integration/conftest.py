@@ -2,10 +2,8 @@
 driver-side tests join with ray.init(address=...) and job tests submit to. Stopped at the end."""
 
 import os
-import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -47,12 +45,3 @@ def ray_cluster():
         ray.shutdown()
         subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
 
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(1)
-    raise TimeoutError(f"timed out after {timeout}s waiting for {what}")

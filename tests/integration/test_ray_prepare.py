@@ -1,7 +1,6 @@
 """Ray Data prepare: sources of every kind -> tokenized Parquet shards + manifest."""
 
 import json
-import os
 
 import pyarrow as pa
 import pyarrow.parquet as pq

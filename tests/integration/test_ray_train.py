@@ -11,7 +11,7 @@ import raygpt
 from raygpt.config import ConfigError, load_config
 from raygpt.distributed import train
 
-from tests.integration.conftest import DASHBOARD, ENV, wait_for
+from tests.integration.conftest import DASHBOARD, ENV
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=8",
