@@ -1,27 +1,20 @@
-"""Corpora as documents: named sources, local paths, the train/val split, and tokenizing to arrays.
+"""Corpora as documents: reading them for the local loop, the train/val split, and tokenizing to arrays.
 
-Pure Python + numpy: the local loop uses it directly and the Ray Data pipeline reuses its naming,
-splitting and joining rules, so a split is the same whichever path prepared it.
+No Ray: the local loop uses it directly and the Ray Data pipeline reuses its splitting and joining rules,
+so a split is the same whichever path prepared it.
 """
 
 from __future__ import annotations
 
-import glob
-import os
-import sysconfig
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
 
 from raygpt.config import DataConfig
+from raygpt.data.sources import decode_file, list_sources, read_file
 from raygpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
-
-# Folders of the standard library that are test suites or installed packages, not the library itself.
-_STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__"}
-
 
 @dataclass
 class Document:
@@ -29,80 +22,20 @@ class Document:
     text: str
 
 
-def stdlib_files() -> list[Path]:
-    """The running Python's standard library .py sources (about 800 files, 12 MB): the embedded
-    default corpus, present wherever Python is, no download."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    files = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if d not in _STDLIB_SKIP and not d.startswith("."))
-        files.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))
-    return files
-
-
-TINYSHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
-TINYSHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-
-
-def tinyshakespeare_files() -> list[Path]:
-    """Tiny Shakespeare (1.1 MB), downloaded once from its canonical address, sha256-checked and cached
-    in ~/.cache/raygpt. Offline, give the file itself as data.source=path/to/input.txt."""
-    cache = Path(os.environ.get("RAYGPT_CACHE", Path.home() / ".cache" / "raygpt")) / "tinyshakespeare.txt"
-    if not cache.is_file():
-        import hashlib
-        import urllib.request
-
-        try:
-            body = urllib.request.urlopen(TINYSHAKESPEARE_URL, timeout=60).read()
-        except OSError as e:
-            raise FileNotFoundError(f"data.source=tinyshakespeare: cannot download {TINYSHAKESPEARE_URL} ({e}); "
-                                    f"give a local copy as data.source=path/to/input.txt") from None
-        if hashlib.sha256(body).hexdigest() != TINYSHAKESPEARE_SHA256:
-            raise ValueError(f"{TINYSHAKESPEARE_URL} did not match its expected sha256; not cached")
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_suffix(".tmp")
-        tmp.write_bytes(body)
-        tmp.rename(cache)  # atomic: a half download is never taken for the corpus
-    return [cache]
-
-
-NAMED_SOURCES = {"python-stdlib": stdlib_files, "tinyshakespeare": tinyshakespeare_files}
-
-
-def source_files(source: str) -> tuple[Path, list[Path]]:
-    """(root, files) for a named corpus, a file, a folder (recursive) or a glob. Names are relative to root."""
-    if source in NAMED_SOURCES:
-        files = NAMED_SOURCES[source]()
-        root = Path(sysconfig.get_paths()["stdlib"]) if source == "python-stdlib" else files[0].parent
-        return root, files
-    path = Path(os.path.expanduser(source))
-    if path.is_file():
-        return path.parent, [path]
-    if path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file() and not any(
-            part.startswith(".") for part in p.relative_to(path).parts))
-        return path, files
-    matches = sorted(Path(p) for p in glob.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
-    if matches:
-        return Path(os.path.commonpath([str(m.parent) for m in matches])), matches
-    raise FileNotFoundError(f"data.source={source!r} is not a named corpus ({', '.join(NAMED_SOURCES)}), "
-                            f"an existing file or folder, or a glob that matches files")
-
-
 def read_documents(source: str, max_chars: int | None = None) -> list[Document]:
-    """UTF-8 text documents of a source, in a stable order; at most ``max_chars`` characters in all."""
-    root, files = source_files(source)
+    """UTF-8 text documents of a source (see raygpt.data.sources), in a stable order; at most
+    ``max_chars`` characters in all. Binary and non-UTF-8 files are skipped."""
+    fs, files = list_sources(DataConfig(source=source, max_chars=max_chars))
     docs, total, bad = [], 0, []
     for f in files:
-        try:
-            text = f.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            bad.append(str(f))
+        text, reason = decode_file(read_file(fs, f.path))
+        if reason:
+            bad.append(f.name)
             continue
         if max_chars is not None and total + len(text) > max_chars:
             text = text[:max_chars - total]
         if text:
-            docs.append(Document(str(f.relative_to(root)), text))
+            docs.append(Document(f.name, text))
             total += len(text)
         if max_chars is not None and total >= max_chars:
             break

@@ -15,14 +15,13 @@ Data in batches: memory stays bounded by the object store, not by the corpus.
 
 from __future__ import annotations
 
-import fnmatch
 import hashlib
 import json
 import os
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
@@ -33,94 +32,14 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raygpt.config import DataConfig
-from raygpt.data.corpus import NAMED_SOURCES, check_split_sizes, split_text
+from raygpt.data.corpus import check_split_sizes, split_text
+from raygpt.data.sources import PrepareError, SourceFile, decode_file, list_sources
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 CHUNK_TOKENS = 4096  # tokens per Parquet row: cheap to read, small enough to shuffle and spread over workers
 JSON_EXT, PARQUET_EXT = (".jsonl", ".json"), (".parquet",)
-
-
-class PrepareError(ValueError):
-    """Input that cannot be prepared; the message names it and says what to do."""
-
-
-@dataclass
-class SourceFile:
-    path: str  # as the filesystem names it
-    name: str  # relative to its source root: the train/val split hashes it
-    size: int
-    mtime: float
-
-
-# --------------------------------------------------------------------------- listing sources
-
-
-def list_sources(data: DataConfig) -> tuple[pafs.FileSystem, list[SourceFile]]:
-    """Files of data.source (comma-separated for several): named corpora, files, folders, globs, on any
-    pyarrow filesystem (s3://, gs://, file://, local paths). Every source must exist."""
-    fs_seen, files = None, []
-    for source in [s.strip() for s in data.source.split(",") if s.strip()]:
-        fs, listed = _list_one(source)
-        if fs_seen is not None and type(fs) is not type(fs_seen):
-            raise PrepareError("data.source mixes filesystems; prepare one filesystem at a time")
-        fs_seen = fs
-        files.extend(listed)
-    if not files:
-        raise PrepareError(f"data.source={data.source!r} holds no files")
-    if data.max_chars is not None:  # a size cap, counted in file bytes (the text is read later)
-        kept, total = [], 0
-        for f in files:
-            if total >= data.max_chars:
-                break
-            kept.append(f)
-            total += f.size
-        files = kept
-    return fs_seen, files
-
-
-def _list_one(source: str) -> tuple[pafs.FileSystem, list[SourceFile]]:
-    if source in NAMED_SOURCES:
-        local = NAMED_SOURCES[source]()
-        root = os.path.commonpath([str(p.parent) for p in local])
-        fs = pafs.LocalFileSystem()
-        return fs, [_info_to_file(i, root) for i in fs.get_file_info([str(p) for p in local])]
-    if "://" in source:
-        fs, path = pafs.FileSystem.from_uri(source)
-    else:
-        fs, path = pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(source))
-    if any(c in path for c in "*?["):
-        base = path[:min(path.index(c) for c in "*?[" if c in path)].rsplit("/", 1)[0] or "/"
-        infos = [i for i in _walk(fs, base, source) if fnmatch.fnmatch(i.path, path)]
-        if not infos:
-            raise PrepareError(f"data.source={source!r}: the glob matches no files")
-        return fs, [_info_to_file(i, base) for i in infos]
-    info = fs.get_file_info(path)
-    if info.type == pafs.FileType.NotFound:
-        raise PrepareError(f"data.source={source!r} does not exist (not a named corpus: "
-                           f"{', '.join(NAMED_SOURCES)}); give a file, a folder, a glob or a URI")
-    if info.type == pafs.FileType.File:
-        return fs, [_info_to_file(info, os.path.dirname(info.path))]
-    infos = _walk(fs, path, source)
-    if not infos:
-        raise PrepareError(f"data.source={source!r} is an empty folder")
-    return fs, [_info_to_file(i, path) for i in infos]
-
-
-def _walk(fs: pafs.FileSystem, base: str, source: str) -> list[pafs.FileInfo]:
-    try:
-        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
-    except FileNotFoundError:
-        raise PrepareError(f"data.source={source!r}: {base} does not exist") from None
-    keep = [i for i in infos if i.type == pafs.FileType.File
-            and not any(part.startswith(".") for part in os.path.relpath(i.path, base).split("/"))]
-    return sorted(keep, key=lambda i: i.path)
-
-
-def _info_to_file(info: pafs.FileInfo, root: str) -> SourceFile:
-    mtime = info.mtime.timestamp() if info.mtime is not None else 0.0
-    return SourceFile(info.path, os.path.relpath(info.path, root), info.size or 0, mtime)
 
 
 def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
@@ -140,16 +59,9 @@ def _decode(batch: dict, max_chars: Optional[int]) -> dict:
     """Raw bytes -> text rows; files that are not UTF-8 or look binary become rows with `bad` set."""
     names, texts, bad = [], [], []
     for raw, name in zip(batch["bytes"], batch["name"]):
-        reason = ""
-        if b"\x00" in raw[:8192]:
-            reason = "binary (contains NUL bytes)"
-        else:
-            try:
-                text = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                reason = f"not UTF-8 ({e.reason} at byte {e.start})"
+        text, reason = decode_file(raw)
         names.append(name)
-        texts.append("" if reason else (text[:max_chars] if max_chars else text))
+        texts.append(text[:max_chars] if max_chars else text)
         bad.append(reason)
     return {"name": np.array(names, dtype=object), "text": np.array(texts, dtype=object),
             "bad": np.array(bad, dtype=object)}

@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from raygpt.config import DataConfig
-from raygpt.data.corpus import (encode_documents, is_val, prepare_arrays, read_documents, source_files,
-                                split_documents, stdlib_files)
+from raygpt.data.corpus import encode_documents, is_val, prepare_arrays, read_documents, split_documents
+from raygpt.data.sources import PrepareError, list_sources, stdlib_files
 from raygpt.tokenizer import train_tokenizer
 
 
@@ -26,8 +26,8 @@ def test_folder_glob_and_file_sources(tmp_path):
     assert [d.name for d in docs] == ["one.txt", "two.md"]  # hidden and non-UTF-8 files skipped
     assert [d.text for d in read_documents(str(tmp_path / "a" / "*.txt"))] == ["hello"]
     assert [d.text for d in read_documents(str(tmp_path / "a" / "two.md"))] == ["world"]
-    with pytest.raises(FileNotFoundError, match="not a named corpus"):
-        source_files(str(tmp_path / "missing"))
+    with pytest.raises(PrepareError, match="not a named corpus"):
+        list_sources(DataConfig(source=str(tmp_path / "missing")))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "x.txt").write_text("")
     with pytest.raises(ValueError, match="holds no text"):
