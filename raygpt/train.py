@@ -192,8 +192,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    # .item() is a device sync: once per optimizer step is the price of logging a number.
-    return {"loss": loss_sum.item() / grad_accum, "grad_norm": grad_norm.item(), "lr": lr}
+    # One device sync per optimizer step, for both numbers: the price of logging them.
+    loss, norm = torch.stack([loss_sum / grad_accum, grad_norm.to(loss_sum.dtype)]).tolist()
+    return {"loss": loss, "grad_norm": norm, "lr": lr}
 
 
 @torch.no_grad()
