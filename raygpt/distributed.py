@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+import pyarrow as pa
 import ray
 import ray.train
 import torch
@@ -18,52 +20,119 @@ from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, Sc
 from ray.train.torch import TorchTrainer
 
 from raygpt.checkpoint import save_checkpoint
-from raygpt.config import Config, ConfigError, config_from_dict
-from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, shard_paths
-from raygpt.data.windows import batches
-from raygpt.runs import build_training, format_progress, name_run, with_vocab
+from raygpt.config import Config, ConfigError, config_from_dict, grad_accum_steps
+from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, read_units, split_units
+from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches
+from raygpt.runs import build_training, format_progress, name_run, resume_points, with_vocab
 from raygpt.train import rng_state, train_loop
 
-ROWS_PER_READ = 16  # Parquet rows (4096 tokens each) per Ray Data batch
+READ_UNITS = 8  # units (Parquet row groups) per Ray Data read call
 WINDOW_SHUFFLE = 4096  # windows in each worker's shuffle buffer
-ROW_SHUFFLE = 64  # rows in Ray Data's local shuffle buffer
+
+
+# --------------------------------------------------------------------------- datasets of units
+
+
+def _read_batch(batch: dict, units: list) -> "pa.Table":
+    """Ray Data stage: {epoch, unit} rows -> the same rows with the unit's token ids."""
+    arrays = read_units([units[int(u)][:2] for u in batch["unit"]])
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.table({"epoch": batch["epoch"], "unit": batch["unit"],
+                     "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))})
+
+
+def unit_dataset(units: list, items: list[tuple[int, int]]):
+    """A Ray Dataset reading the given (epoch, unit) items, in that order, built so no stage needs a CPU slot.
+
+    Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
+    them: a read task that waits for a CPU would hang the run. So the item list comes from the driver and
+    units are read by zero-CPU tasks (reading Parquet is I/O and memcpy, not compute)."""
+    ds = ray.data.from_items([{"epoch": e, "unit": int(u)} for e, u in items]).map_batches(
+        _read_batch, fn_kwargs={"units": units}, batch_size=READ_UNITS, batch_format="numpy", num_cpus=0,
+        concurrency=2)  # caps the zero-CPU tasks in flight (else Ray starts a worker process per block)
+    ds.context.execution_options.preserve_order = True  # the plan's order is the stream's order
+    return ds
+
+
+def _plan(cfg: Config, units: list, world: int) -> EpochPlan:
+    return EpochPlan([u[2] for u in units], cfg.model.block_size, cfg.train.batch_size, cfg.train.seed, world)
+
+
+def _batches_done(cfg: Config, tokens_seen: int, world: int) -> int:
+    """Batches each worker has drawn after ``tokens_seen`` tokens (exact when the world size is unchanged)."""
+    return tokens_seen // (world * cfg.train.batch_size * cfg.model.block_size)
+
+
+def train_items(cfg: Config, units: list, rank: int, world: int, start_tokens: int) -> list[tuple[int, int]]:
+    """The (epoch, unit) items ``rank`` reads, from the epoch a resumed run restarts in to the run's end."""
+    plan = _plan(cfg, units, world)
+    first = min(plan.locate(r, _batches_done(cfg, start_tokens, world))[0] for r in range(world))
+    last = plan.epochs_for(cfg.train.max_steps * grad_accum_steps(cfg.train, world))
+    return [(e, u) for e in range(first, last) for u in plan.units(e, rank)]
+
+
+class UnitShards(ray.train.DataConfig):
+    """Each worker gets its own ordered stream of train units (its EpochPlan deal) instead of Ray's dynamic
+    ``streaming_split``: the order is then reproducible, and a resumed run sees exactly the batches the
+    uninterrupted one would have. Val goes whole, in order, to every worker."""
+
+    def __init__(self, cfg: Config, units: list, start_tokens: int):
+        super().__init__(datasets_to_split=[])
+        self.cfg, self.units, self.start_tokens = cfg, units, start_tokens
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        out = [{} for _ in range(world_size)]
+        for name, ds in datasets.items():
+            for rank in range(world_size):
+                if name == "train":  # runs at every worker-group start, so a restart gets its own world size
+                    ds = unit_dataset(self.units, train_items(self.cfg, self.units, rank, world_size,
+                                                              self.start_tokens))
+                options = self._resolve_execution_options(name)
+                options.preserve_order = True
+                ds.context.execution_options = options
+                out[rank][name] = ds.iterator()
+        return out
 
 
 # --------------------------------------------------------------------------- on each worker
 
 
-def _train_batches(cfg: Config, position: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x, y) batches from this worker's shard of the train split, reshuffled every epoch.
-    ``position["epoch"]`` is where to start and, as it runs, the epoch being read (saved in checkpoints)."""
-    shard = ray.train.get_dataset_shard("train")
-    device = ray.train.torch.get_device()
-    for epoch in itertools.count(position.get("epoch", 0)):
-        position["epoch"] = epoch
-        seed = cfg.train.seed + 1000 * epoch
-        rows = shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="numpy", prefetch_batches=cfg.ray.prefetch_batches,
-                                  local_shuffle_buffer_size=ROW_SHUFFLE, local_shuffle_seed=seed)
-        chunks = (tokens for batch in rows for tokens in batch["tokens"])
-        n = 0
-        for n, batch in enumerate(batches(chunks, cfg.model.block_size, cfg.train.batch_size, seed,
-                                          WINDOW_SHUFFLE, device), start=1):
-            yield batch
-        if n == 0:
-            raise ValueError("this worker's train shard holds less than one batch; use fewer workers, a smaller "
-                             "train.batch_size or model.block_size, or more text")
+def _rows(shard, prefetch: int) -> Iterator[tuple[int, int, np.ndarray]]:
+    for batch in shard.iter_batches(batch_size=READ_UNITS, batch_format="numpy", prefetch_batches=prefetch):
+        yield from zip(batch["epoch"].tolist(), batch["unit"].tolist(), batch["tokens"])
 
 
-def _val_batches(cfg: Config) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first eval_steps batches of the val split, in order: every eval reads the same ones."""
-    shard = ray.train.get_dataset_shard("val")
-    rows = shard.iter_batches(batch_size=ROWS_PER_READ, batch_format="numpy")
-    chunks = (tokens for batch in rows for tokens in batch["tokens"])
+def _train_batches(cfg: Config, units: list, tokens_seen: int, position: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x, y) batches of this worker's deal of the train split, starting where ``tokens_seen``
+    left off. ``position`` holds the epoch being read (saved in checkpoints, for people)."""
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    plan = _plan(cfg, units, world)
+    epoch, skip = plan.locate(rank, _batches_done(cfg, tokens_seen, world))
+    rows = _rows(ray.train.get_dataset_shard("train"), cfg.ray.prefetch_batches)
     device = ray.train.torch.get_device()
-    out = list(itertools.islice(batches(chunks, cfg.model.block_size, cfg.train.batch_size, 0, 1, device),
-                                cfg.train.eval_steps))
-    if not out:
-        raise ValueError(f"the val split holds less than one batch of {cfg.train.batch_size} x "
-                         f"{cfg.model.block_size + 1} tokens; raise data.val_fraction or lower train.batch_size")
-    return out
+    for epoch in itertools.count(epoch):
+        position.update(epoch=epoch, world=world)
+        yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip, WINDOW_SHUFFLE, device)
+        skip = 0
+
+
+def _epoch_units(rows: Iterator[tuple[int, int, np.ndarray]], epoch: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The units of ``epoch`` from the stream, dropping earlier epochs (a restart resumes inside the data).
+    epoch_batches stops pulling at the epoch's last unit, so the next epoch starts at the next row."""
+    for e, unit, tokens in rows:
+        if e > epoch:
+            raise RuntimeError(f"the train stream is at epoch {e} but this worker resumes in epoch {epoch}")
+        if e == epoch:
+            yield unit, tokens
+
+
+def _val_batches(cfg: Config, total_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed val batches (raygpt.data.windows.fixed_batches), read once from the val split."""
+    rows = _rows(ray.train.get_dataset_shard("val"), 2)
+    return fixed_batches((tokens for _, _, tokens in rows), total_tokens, cfg.model.block_size,
+                         cfg.train.batch_size, cfg.train.eval_steps, cfg.train.seed + 1, ray.train.torch.get_device())
 
 
 def train_func(config: dict) -> None:
@@ -82,8 +151,8 @@ def train_func(config: dict) -> None:
         t = build_training(cfg, device)
     model = ray.train.torch.prepare_model(t.model) if world > 1 else t.model
     position = dict(t.data_state)  # updated by the iterator as epochs go by
-    train_batches = _train_batches(cfg, position)
-    val = _val_batches(cfg)
+    train_batches = _train_batches(cfg, config["train_units"], t.state.tokens_seen, position)
+    val = _val_batches(cfg, config["val_tokens"])
     if rank == 0:
         print(f"train: {world} worker(s) on {device} {t.precision}"
               + (f", resuming at step {t.state.step}" if checkpoint is not None else ""), flush=True)
@@ -132,23 +201,6 @@ def connect() -> None:
              logging_config=ray.LoggingConfig(log_level="WARNING"))
 
 
-def _read_shard(batch):
-    import pyarrow.parquet as pq
-
-    return pq.read_table(batch["path"][0].as_py(), columns=["tokens"])
-
-
-def shard_dataset(paths: list[str]):
-    """A Ray Dataset of the token rows of these Parquet shards, built so no stage needs a CPU slot.
-
-    Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
-    them: a read task that waits for a CPU would hang the run. So the file list comes from the driver and
-    each shard is read by a zero-CPU task (reading Parquet is I/O and memcpy, not compute)."""
-    # concurrency caps the zero-CPU tasks in flight (otherwise Ray starts a worker process per shard).
-    return ray.data.from_items([{"path": p} for p in paths]).map_batches(
-        _read_shard, batch_size=1, batch_format="pyarrow", num_cpus=0, concurrency=2)
-
-
 def resolve_cpus(cfg: Config) -> Config:
     """ray.cpus_per_worker=None: share the cluster's CPUs out over the workers (no more than a node has)."""
     if cfg.ray.cpus_per_worker is None:
@@ -174,7 +226,9 @@ def check_resources(cfg: Config, use_gpu: bool) -> None:
 
 
 def train(cfg: Config, print_fn=print):
-    """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result."""
+    """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result.
+
+    A run name that already has checkpoints in storage resumes from the latest one (Ray finds it)."""
     connect()
     prepared = prepare(cfg.data, print_fn)
     manifest = load_manifest(prepared)
@@ -185,7 +239,22 @@ def train(cfg: Config, print_fn=print):
     check_resources(cfg, use_gpu)
     name_run(cfg)
     storage = cfg.ray.storage_path or str(Path(cfg.train.out_dir).resolve())
-    print_fn(f"train: {manifest['splits']['train']['tokens']:,} train tokens, run {cfg.train.run_name!r} in {storage}")
+    # Everything a worker would trip on is checked here, before any worker starts.
+    resumes = resume_points(cfg, tokenizer, Path(storage) / cfg.train.run_name) if "://" not in storage else []
+    train_units, val_units = split_units(prepared, "train"), split_units(prepared, "val")
+    world = max(1, cfg.ray.num_workers)
+    plan = _plan(cfg, train_units, world)
+    for rank in range(world):
+        if plan.batches_in_epoch(0, rank) == 0:
+            raise ConfigError(plan.too_small())
+    val_tokens = manifest["splits"]["val"]["tokens"]
+    if (val_tokens - 1) // cfg.model.block_size < cfg.train.batch_size:
+        raise ConfigError(f"the val split ({val_tokens:,} tokens) holds less than one batch of "
+                          f"{cfg.train.batch_size} x {cfg.model.block_size + 1} tokens; raise data.val_fraction "
+                          f"or lower train.batch_size")
+    start_tokens = min((p.tokens_seen for p in resumes), default=0)
+    print_fn(f"train: {manifest['splits']['train']['tokens']:,} train tokens, run {cfg.train.run_name!r} in {storage}"
+             + (f", resuming from step {max(p.step for p in resumes)}" if resumes else ""))
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
     run = RunConfig(name=cfg.train.run_name, storage_path=storage,
@@ -193,10 +262,14 @@ def train(cfg: Config, print_fn=print):
                                                        checkpoint_score_attribute="val_loss",
                                                        checkpoint_score_order="min"),
                     failure_config=FailureConfig(max_failures=cfg.ray.max_failures))
-    datasets = {split: shard_dataset(shard_paths(prepared, split)) for split in ("train", "val")}
-    trainer = TorchTrainer(train_func, train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve())},
-                           scaling_config=scaling, run_config=run, datasets=datasets,
-                           dataset_config=ray.train.DataConfig(datasets_to_split=["train"]))
+    # The base train dataset is rank 0's stream of a one-worker run (what local mode, num_workers=0, reads);
+    # UnitShards deals the units out per worker when there are workers.
+    datasets = {"train": unit_dataset(train_units, train_items(cfg, train_units, 0, 1, start_tokens)),
+                "val": unit_dataset(val_units, [(0, u) for u in range(len(val_units))])}
+    trainer = TorchTrainer(train_func, scaling_config=scaling, run_config=run, datasets=datasets,
+                           train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()),
+                                              "train_units": train_units, "val_tokens": val_tokens},
+                           dataset_config=UnitShards(cfg, train_units, start_tokens))
     return trainer.fit()
 
 

@@ -1,6 +1,6 @@
 """Sampling and the object ``raygpt.load()`` returns. No Ray here: this runs on a bare inference box.
 
-    gen = raygpt.load("runs/demo/checkpoints/step_001500")
+    gen = raygpt.load("runs/demo/step_001500")
     gen.generate("def main(", max_new_tokens=100, temperature=0.8, top_k=50)
 """
 
@@ -186,11 +186,9 @@ def load(path, device: Union[str, torch.device, None] = None, check: bool = True
     from raygpt.checkpoint import latest_checkpoint, META
 
     if path.is_dir() and not (path / META).exists():
-        for candidate in (path, path / "checkpoints"):
-            found = latest_checkpoint(candidate)
-            if found is not None:
-                path = found
-                break
+        found = latest_checkpoint(path)
+        if found is not None:
+            path = found
     model, config, tokenizer, _ = load_checkpoint(path, device=device, check=check)
     return TextGenerator(model, tokenizer, config, device)
 

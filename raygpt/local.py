@@ -17,6 +17,7 @@ import torch
 from raygpt.checkpoint import unwrap
 from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
+from raygpt.data.windows import fixed_batches
 from raygpt.runs import (build_training, device_for, find_resume, format_progress, run_dir, save_run_checkpoint,
                          with_vocab)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
@@ -58,8 +59,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
     train_batches = TokenBatches(train_ids, block, batch, cfg.train.seed, device)
     if t.data_state:
         train_batches.load_state_dict(t.data_state)
-    # Every eval reads the same val batches, so val losses are comparable across steps and runs.
-    val_batches = lambda: TokenBatches(val_ids, block, batch, cfg.train.seed + 1, device)  # noqa: E731
+    # The same fixed val windows as the Ray workers pick: val losses compare across steps, runs and paths.
+    val = fixed_batches([val_ids], len(val_ids), block, batch, cfg.train.eval_steps, cfg.train.seed + 1, device)
 
     reports: list[dict] = []
     last_ckpt = resume
@@ -73,6 +74,6 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
             if checkpoint:
                 last_ckpt = save_run_checkpoint(path, cfg, tokenizer, t, metrics, train_batches.state_dict())
 
-        train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, val_batches, report, t.state,
+        train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state,
                    device=device, precision=t.precision, flops_per_token=t.flops_per_token)
     return LocalResult(path, last_ckpt, reports, tokenizer)

@@ -16,10 +16,11 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from raygpt.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, restore_training, save_checkpoint
+from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_config_of, read_meta,
+                               restore_training, save_checkpoint)
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
-from raygpt.tokenizer import Tokenizer
+from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_device, resolve_precision,
                           rng_state, set_rng_state)
 
@@ -98,23 +99,43 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     return Training(model, optimizer, scaler, state, data_state, device, precision, flops)
 
 
-def find_resume(cfg: Config, path: Path) -> Optional[Path]:
-    """The latest valid checkpoint of the run at ``path``, checked against cfg; None for a new run."""
-    ckpt = latest_checkpoint(path / "checkpoints")
+def find_resume(cfg: Config, path: Path, tokenizer: Optional[Tokenizer] = None) -> Optional[Path]:
+    """The latest valid checkpoint of the run at ``path``, checked against cfg (and the tokenizer the data
+    was prepared with, when given); None for a new run."""
+    ckpt = latest_checkpoint(path)
     if ckpt is None:
         return None
-    from raygpt.checkpoint import load_config_of
     check_resumable(cfg, load_config_of(ckpt), ckpt)
+    if tokenizer is not None and load_tokenizer(ckpt)._to_json() != tokenizer._to_json():
+        raise ConfigError(f"cannot resume {ckpt}: the data is now tokenized differently ({tokenizer!r}) from "
+                          f"what the run trained on ({load_tokenizer(ckpt)!r}); use another train.run_name "
+                          f"for a new run, or the data settings the run used")
     return ckpt
+
+
+def resume_points(cfg: Config, tokenizer: Tokenizer, path: Path) -> list[TrainState]:
+    """Where each valid checkpoint of the run at ``path`` stands (empty for a new run), after checking that
+    the latest one can resume with cfg and tokenizer. Ray may pick any of them to restart from."""
+    if find_resume(cfg, path, tokenizer) is None:
+        return []
+    points = []
+    for child in sorted(path.glob("step_*")):
+        try:
+            meta = read_meta(child)
+        except CheckpointError:
+            continue  # a partial save: never resumed from
+        points.append(TrainState(step=meta["step"], tokens_seen=meta["tokens_seen"]))
+    return points
 
 
 def save_run_checkpoint(path: Path, cfg: Config, tokenizer: Tokenizer, t: Training, metrics: dict,
                         data_state: dict) -> Path:
-    """Write checkpoints/step_NNNNNN under the run and keep the newest train.keep_checkpoints."""
-    ckpt = save_checkpoint(path / "checkpoints" / f"step_{t.state.step:06d}", t.model, cfg, tokenizer,
+    """Write step_NNNNNN in the run folder (the layout Ray Train writes too) and keep the newest
+    train.keep_checkpoints."""
+    ckpt = save_checkpoint(path / f"step_{t.state.step:06d}", t.model, cfg, tokenizer,
                            optimizer=t.optimizer, scaler=t.scaler, train_state=t.state, rng=rng_state(),
                            data_state=data_state, metrics=metrics)
-    prune_checkpoints(path / "checkpoints", cfg.train.keep_checkpoints)
+    prune_checkpoints(path, cfg.train.keep_checkpoints)
     return ckpt
 
 
@@ -152,5 +173,5 @@ def device_for(cfg: Config) -> torch.device:
     return device
 
 
-__all__ = ["run_dir", "with_vocab", "build_training", "find_resume", "save_run_checkpoint", "format_progress",
+__all__ = ["run_dir", "with_vocab", "build_training", "find_resume", "resume_points", "save_run_checkpoint", "format_progress",
            "Training", "CheckpointError", "device_for"]

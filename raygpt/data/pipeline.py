@@ -4,8 +4,8 @@
         manifest.json         tokenizer, vocab size, tokens per split, shards (rows, tokens, sha256),
                               fingerprint of sources and settings, format version
         tokenizer.json
-        split=train/*.parquet rows of token ids (column `tokens`), documents joined by end-of-text
-        split=val/*.parquet
+        split=train/*.parquet rows of token ids (column `tokens`), documents joined by end-of-text, in
+        split=val/*.parquet   row groups of UNIT_ROWS rows: the units training reads and shuffles
 
 The same sources and settings reuse the folder; any change prepares anew under another fingerprint. The
 folder is written under a temporary name and renamed into place only when complete, so an interrupted
@@ -37,8 +37,10 @@ from raygpt.data.sources import PrepareError, SourceFile, decode_file, list_sour
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
-CHUNK_TOKENS = 4096  # tokens per Parquet row: cheap to read, small enough to shuffle and spread over workers
+FORMAT_VERSION = 2
+CHUNK_TOKENS = 4096  # tokens per Parquet row
+UNIT_ROWS = 2  # rows per Parquet row group: the unit of reading and of the per-epoch shuffle (8k tokens)
+ROWS_PER_FILE = 128  # 64 row groups per file, so opening a file to read one unit stays cheap
 JSON_EXT, PARQUET_EXT = (".jsonl", ".json"), (".parquet",)
 
 
@@ -47,7 +49,7 @@ def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
     settings = {k: v for k, v in asdict(data).items() if k not in ("prepared_dir",)}
     if settings["tokenizer_path"]:
         settings["tokenizer_sha256"] = hashlib.sha256(Path(settings["tokenizer_path"]).read_bytes()).hexdigest()
-    blob = json.dumps({"version": FORMAT_VERSION, "chunk": CHUNK_TOKENS, "settings": settings,
+    blob = json.dumps({"version": FORMAT_VERSION, "chunk": CHUNK_TOKENS, "unit": UNIT_ROWS, "settings": settings,
                        "files": [(f.path, f.size, f.mtime) for f in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -125,7 +127,8 @@ def prepare(data: DataConfig, print_fn=print) -> Path:
     try:
         ds = docs.map_batches(_tokenize, fn_kwargs={"tokenizer": tokenizer, "data": data}, batch_format="numpy",
                               batch_size=16)
-        ds.write_parquet(str(tmp.resolve()), partition_cols=["split"])
+        ds.write_parquet(str(tmp.resolve()), partition_cols=["split"], row_group_size=UNIT_ROWS,
+                         max_rows_per_file=ROWS_PER_FILE)
         manifest = _manifest(tmp, tokenizer, data, files, fp)
         bad = manifest.pop("bad_files")
         if bad and data.on_bad_file == "fail":
@@ -202,13 +205,14 @@ def _manifest(tmp: Path, tokenizer: Tokenizer, data: DataConfig, files: list[Sou
     for split in ("train", "val", "bad"):
         shards = []
         for f in sorted((tmp / f"split={split}").glob("*.parquet")):
-            table = pq.read_table(f, columns=["n_tokens", "bad"])
             if split == "bad":
-                bad += [b for b in table.column("bad").to_pylist() if b]
+                bad += [b for b in pq.read_table(f, columns=["bad"]).column("bad").to_pylist() if b]
                 continue
-            n = pa.compute.sum(table.column("n_tokens")).as_py() or 0
-            shards.append({"path": str(f.relative_to(tmp)), "rows": table.num_rows, "tokens": int(n),
-                           "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
+            pf = pq.ParquetFile(f)
+            units = [int(pa.compute.sum(pf.read_row_group(g, columns=["n_tokens"]).column(0)).as_py() or 0)
+                     for g in range(pf.num_row_groups)]
+            shards.append({"path": str(f.relative_to(tmp)), "rows": pf.metadata.num_rows, "tokens": sum(units),
+                           "units": units, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
         if split != "bad":
             splits[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
     shutil.rmtree(tmp / "split=bad", ignore_errors=True)
@@ -233,6 +237,24 @@ def load_manifest(folder: str | Path) -> dict:
 def shard_paths(folder: str | Path, split: str) -> list[str]:
     folder = Path(folder).resolve()
     return [str(folder / s["path"]) for s in load_manifest(folder)["splits"][split]["shards"]]
+
+
+def split_units(folder: str | Path, split: str) -> list[tuple[str, int, int]]:
+    """Every unit (Parquet row group) of a split as (absolute shard path, row group, tokens), in order."""
+    folder = Path(folder).resolve()
+    return [(str(folder / s["path"]), group, tokens) for s in load_manifest(folder)["splits"][split]["shards"]
+            for group, tokens in enumerate(s["units"])]
+
+
+def read_units(units: list[tuple[str, int]]) -> list[np.ndarray]:
+    """The token ids of each (shard path, row group), each unit's rows concatenated."""
+    files: dict[str, pq.ParquetFile] = {}
+    out = []
+    for path, group in units:
+        pf = files.get(path) or files.setdefault(path, pq.ParquetFile(path))
+        column = pf.read_row_group(group, columns=["tokens"]).column("tokens")
+        out.append(pa.compute.list_flatten(column).to_numpy())
+    return out
 
 
 def prepared_tokenizer(folder: str | Path) -> Tokenizer:

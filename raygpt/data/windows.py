@@ -1,16 +1,131 @@
-"""Cut a stream of token chunks into (block_size + 1)-token training windows and batch them.
+"""Training windows from token units, and the fixed val windows every path evaluates on.
 
-Pure numpy/torch: the Ray worker feeds it the rows of its dataset shard, tests feed it lists. Windows
-are non-overlapping (stride block_size: every token is a target once per epoch) and shuffled within a
-seeded buffer, so a worker never waits on a global shuffle.
+Pure numpy/torch (no Ray): the Ray workers feed these functions the rows of their dataset shard, the
+local loop and tests feed them arrays.
+
+Train stream. A prepared split is a list of units (Parquet row groups of a few thousand tokens). Every
+epoch the units are permuted (seeded by seed and epoch) and dealt round-robin to the workers; each unit
+starts at a random offset below block_size (so windows fall on different tokens each epoch) and is cut
+into non-overlapping (block_size + 1)-token windows; a worker shuffles its windows in a seeded buffer and
+batches them. Everything is a function of (seed, epoch, rank, world size), so a worker finds its place in
+the stream from a count of batches alone: that is what makes a resumed run draw exactly the batches the
+uninterrupted one would have.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Iterator
+from functools import lru_cache
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+class EpochPlan:
+    """Which units each of ``world`` workers reads in each epoch, and how many batches that makes."""
+
+    def __init__(self, unit_tokens: Sequence[int], block_size: int, batch_size: int, seed: int, world: int = 1):
+        self.unit_tokens = np.asarray(unit_tokens, dtype=np.int64)
+        self.block_size, self.batch_size, self.seed, self.world = block_size, batch_size, seed, max(1, world)
+        self.order = lru_cache(maxsize=8)(self._order)
+
+    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(permutation of all units, start offset of every unit) for one epoch."""
+        rng = np.random.default_rng([self.seed, epoch])
+        return rng.permutation(len(self.unit_tokens)), rng.integers(0, self.block_size, len(self.unit_tokens))
+
+    def units(self, epoch: int, rank: int) -> np.ndarray:
+        """The units ``rank`` reads in ``epoch``, in order."""
+        return self.order(epoch)[0][rank::self.world]
+
+    def batches_in_epoch(self, epoch: int, rank: int) -> int:
+        """Batches ``rank`` gets from ``epoch`` (known without reading: windows per unit follow from sizes)."""
+        perm, offsets = self.order(epoch)
+        mine = perm[rank::self.world]
+        windows = np.maximum(0, (self.unit_tokens[mine] - offsets[mine] - 1) // self.block_size)
+        return int(windows.sum()) // self.batch_size
+
+    def locate(self, rank: int, batches_done: int) -> tuple[int, int]:
+        """(epoch, batch within it) of ``rank``'s next batch after ``batches_done`` batches."""
+        epoch = 0
+        while True:
+            n = self.batches_in_epoch(epoch, rank)
+            if n == 0:
+                raise ValueError(self.too_small())
+            if batches_done < n:
+                return epoch, batches_done
+            batches_done -= n
+            epoch += 1
+
+    def epochs_for(self, batches: int) -> int:
+        """How many epochs every worker needs to draw ``batches`` batches."""
+        return 1 + max(self.locate(rank, max(0, batches - 1))[0] for rank in range(self.world))
+
+    def too_small(self) -> str:
+        need = self.batch_size * (self.block_size + 1)
+        return (f"the train split ({int(self.unit_tokens.sum()):,} tokens) gives a worker less than one batch of "
+                f"{self.batch_size} x {self.block_size + 1} tokens (= {need:,}) per epoch with {self.world} "
+                f"worker(s); use more text, fewer workers, or a smaller train.batch_size or model.block_size")
+
+
+def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoch: int, rank: int, skip: int = 0,
+                  shuffle_buffer: int = 4096, device: torch.device | str = "cpu") -> Iterator[Batch]:
+    """``rank``'s batches of ``epoch`` from its units' tokens, given as (unit id, tokens) in plan order.
+
+    Windows pass through a buffer of ``shuffle_buffer`` windows; a random one leaves as each new one
+    enters (seeded by seed, epoch, rank); at the end of the epoch the rest leave in random order and a
+    last partial batch is dropped. The first ``skip`` batches are drawn but not built (resume)."""
+    expected = plan.units(epoch, rank)
+    offsets = plan.order(epoch)[1]
+    total = plan.batches_in_epoch(epoch, rank)
+    block, size = plan.block_size, plan.batch_size
+    rng = np.random.default_rng([plan.seed, epoch, rank, 1])
+    device = torch.device(device)
+    buffer: list[np.ndarray] = []
+    pending: list[np.ndarray] = []
+    emitted = 0
+    capacity = max(shuffle_buffer, size)
+
+    def take(window: np.ndarray):
+        nonlocal emitted, pending
+        pending.append(window)
+        if len(pending) < size:
+            return None
+        rows, pending = pending, []
+        emitted += 1
+        if emitted <= skip:
+            return None
+        arr = torch.from_numpy(np.stack(rows).astype(np.int64)).to(device, non_blocking=True)  # (B, T + 1)
+        return arr[:, :-1], arr[:, 1:]
+
+    seen = 0
+    for want, (unit, tokens) in zip(expected, units):
+        if unit != want:
+            raise RuntimeError(f"train stream out of order: got unit {unit}, the plan says {want} (epoch {epoch}, "
+                               f"rank {rank}); the dataset must preserve order")
+        seen += 1
+        start = int(offsets[unit])
+        for i in range((len(tokens) - start - 1) // block):
+            buffer.append(tokens[start + i * block:start + (i + 1) * block + 1])
+            if len(buffer) >= capacity:
+                j = int(rng.integers(len(buffer)))  # swap a random window out: a reservoir-style shuffle
+                buffer[j], buffer[-1] = buffer[-1], buffer[j]
+                batch = take(buffer.pop())
+                if batch is not None:
+                    yield batch
+    if seen != len(expected):
+        raise RuntimeError(f"train stream ended after {seen} of {len(expected)} units of epoch {epoch} (rank {rank})")
+    rng.shuffle(buffer)
+    for window in buffer:
+        batch = take(window)
+        if batch is not None:
+            yield batch
+    assert emitted == total, (emitted, total)  # the plan's count is what resume relies on
+
+
+# --------------------------------------------------------------------------- val
 
 
 def windows(chunks: Iterable[np.ndarray], block_size: int) -> Iterator[np.ndarray]:
@@ -25,32 +140,24 @@ def windows(chunks: Iterable[np.ndarray], block_size: int) -> Iterator[np.ndarra
         carry = buf[n * block_size:]
 
 
-def batches(chunks: Iterable[np.ndarray], block_size: int, batch_size: int, seed: int,
-            shuffle_buffer: int = 256, device: torch.device | str = "cpu") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(x, y) batches of windows, shuffled within a buffer of ``shuffle_buffer`` windows by a generator
-    seeded with ``seed``. The last partial batch of the stream is dropped (every step sees batch_size)."""
-    rng = np.random.default_rng(seed)
-    device = torch.device(device)
-    buffer: list[np.ndarray] = []
+def fixed_batches(chunks: Iterable[np.ndarray], total_tokens: int, block_size: int, batch_size: int, steps: int,
+                  seed: int, device: torch.device | str = "cpu") -> list[Batch]:
+    """``steps`` batches of windows picked at random (seeded) from the whole stream: the val set.
 
-    def emit(rows: list[np.ndarray]):
-        arr = torch.from_numpy(np.stack(rows)).to(device, non_blocking=True)  # (B, T + 1)
-        return arr[:, :-1], arr[:, 1:]
-
-    pending: list[np.ndarray] = []
-    for w in windows(chunks, block_size):
-        buffer.append(w)
-        if len(buffer) >= max(shuffle_buffer, batch_size):
-            # Swap a random buffered window out: a reservoir-style local shuffle.
-            i = int(rng.integers(len(buffer)))
-            buffer[i], buffer[-1] = buffer[-1], buffer[i]
-            pending.append(buffer.pop())
-            if len(pending) == batch_size:
-                yield emit(pending)
-                pending = []
-    rng.shuffle(buffer)
-    for w in buffer:
-        pending.append(w)
-        if len(pending) == batch_size:
-            yield emit(pending)
-            pending = []
+    The local loop and every Ray worker evaluate on the same windows of the same split, so their val
+    losses compare. Memory holds only the picked windows, however long the stream."""
+    available = (total_tokens - 1) // block_size
+    count = min(steps * batch_size, available) // batch_size * batch_size
+    if count == 0:
+        raise ValueError(f"the val split ({total_tokens:,} tokens) holds less than one batch of {batch_size} x "
+                         f"{block_size + 1} tokens; raise data.val_fraction or lower train.batch_size")
+    picked = np.random.default_rng(seed).choice(available, size=count, replace=False)
+    slot = {int(w): i for i, w in enumerate(picked)}  # window index -> place in the val set
+    rows: list = [None] * count
+    for i, w in enumerate(windows(chunks, block_size)):
+        if i in slot:
+            rows[slot[i]] = w
+    if any(r is None for r in rows):
+        raise ValueError(f"the val stream was shorter than the {total_tokens:,} tokens it was said to hold")
+    arr = torch.from_numpy(np.stack(rows)).to(device)  # (count, T + 1)
+    return [(b[:, :-1], b[:, 1:]) for b in arr.split(batch_size)]

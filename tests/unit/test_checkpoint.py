@@ -95,7 +95,7 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_arrays):
     quiet = dict(print_fn=lambda s: None)
     full = train_local(tiny_config(tmp_path, "train.run_name=full", *over), tiny_arrays, **quiet)
     # An interrupted run: the same run stopped after its step-10 checkpoint (later ones never written).
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step_000010", tmp_path / "cut" / "checkpoints" / "step_000010")
+    shutil.copytree(tmp_path / "full" / "step_000010", tmp_path / "cut" / "step_000010")
     resumed = train_local(tiny_config(tmp_path, "train.run_name=cut", *over), tiny_arrays, **quiet)
     losses_full = {m["step"]: m["loss"] for m in full.metrics}
     losses_resumed = {m["step"]: m["loss"] for m in resumed.metrics}

@@ -22,7 +22,7 @@ def test_local_train_prints_samples_and_the_checkpoint(tmp_path):
                           "train.run_name=cli"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 20/20" in out.stdout and "--- sample 1" in out.stdout
-    ckpt = tmp_path / "cli" / "checkpoints" / "step_000020"
+    ckpt = tmp_path / "cli" / "step_000020"
     assert f"checkpoint: {ckpt}" in out.stdout
     assert (tmp_path / "cli" / "config.yaml").is_file() and (tmp_path / "cli" / "metrics.jsonl").is_file()
     gen = subprocess.run([sys.executable, "jobs/generate.py", str(ckpt), "def", "--max-new-tokens", "15",
