@@ -48,9 +48,10 @@ def unit_dataset(units: list, items: list[tuple[int, int]]):
     Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
     them: a read task that waits for a CPU would hang the run. So the item list comes from the driver and
     units are read by zero-CPU tasks (reading Parquet is I/O and memcpy, not compute)."""
+    # size=2 caps the zero-CPU tasks in flight (else Ray starts a worker process per block).
     ds = ray.data.from_items([{"epoch": e, "unit": int(u)} for e, u in items]).map_batches(
         _read_batch, fn_kwargs={"units": units}, batch_size=READ_UNITS, batch_format="numpy", num_cpus=0,
-        concurrency=2)  # caps the zero-CPU tasks in flight (else Ray starts a worker process per block)
+        compute=ray.data.TaskPoolStrategy(size=2))
     ds.context.execution_options.preserve_order = True  # the plan's order is the stream's order
     return ds
 
@@ -225,10 +226,11 @@ def check_resources(cfg: Config, use_gpu: bool) -> None:
                           f"{have.get('GPU', 0):g}; lower ray.num_workers or set ray.use_gpu=false")
 
 
-def train(cfg: Config, print_fn=print):
+def train(cfg: Config, print_fn=print, loop=train_func):
     """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result.
 
-    A run name that already has checkpoints in storage resumes from the latest one (Ray finds it)."""
+    A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
+    ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches)."""
     connect()
     prepared = prepare(cfg.data, print_fn)
     manifest = load_manifest(prepared)
@@ -266,7 +268,7 @@ def train(cfg: Config, print_fn=print):
     # UnitShards deals the units out per worker when there are workers.
     datasets = {"train": unit_dataset(train_units, train_items(cfg, train_units, 0, 1, start_tokens)),
                 "val": unit_dataset(val_units, [(0, u) for u in range(len(val_units))])}
-    trainer = TorchTrainer(train_func, scaling_config=scaling, run_config=run, datasets=datasets,
+    trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets,
                            train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()),
                                               "train_units": train_units, "val_tokens": val_tokens},
                            dataset_config=UnitShards(cfg, train_units, start_tokens))

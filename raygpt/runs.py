@@ -152,7 +152,7 @@ def format_progress(m: dict, max_steps: int) -> str:
     if "val_loss" in m:
         parts.append(f"val {m['val_loss']:.4f}")
     parts += [f"lr {m['lr']:.2e}", f"gnorm {m['grad_norm']:.2f}", f"{m['tokens_per_s'] / 1e3:.1f}k tok/s",
-              f"{m['step_time_ms']:.1f} ms/step"]
+              f"{m['step_time_ms']:.1f} ms/step", f"data {100 * m['data_wait']:.0f}%"]
     if "mfu" in m:
         parts.append(f"mfu {100 * m['mfu']:.1f}%")
     elapsed = m["elapsed_s"]

@@ -172,13 +172,17 @@ class TrainState:
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
                batches: Iterator[Batch], grad_accum: int, lr: float, grad_clip: float,
                amp_context: Callable[[], contextlib.AbstractContextManager]) -> dict:
-    """One optimizer step over ``grad_accum`` micro-steps. Returns loss (mean over micro-steps) and the
-    gradient norm before clipping. Under DDP the all-reduce runs on the last micro-step only."""
+    """One optimizer step over ``grad_accum`` micro-steps. Returns loss (mean over micro-steps), the
+    gradient norm before clipping and ``data_s``, the seconds spent waiting for batches. Under DDP the
+    all-reduce runs on the last micro-step only."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
+    data_s = 0.0
     for micro_step in range(grad_accum):
+        waited = time.perf_counter()
         x, y = next(batches)
+        data_s += time.perf_counter() - waited
         last = micro_step == grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
@@ -194,7 +198,7 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     optimizer.zero_grad(set_to_none=True)
     # One device sync per optimizer step, for both numbers: the price of logging them.
     loss, norm = torch.stack([loss_sum / grad_accum, grad_norm.to(loss_sum.dtype)]).tolist()
-    return {"loss": loss, "grad_norm": norm, "lr": lr}
+    return {"loss": loss, "grad_norm": norm, "lr": lr, "data_s": data_s}
 
 
 @torch.no_grad()
@@ -250,7 +254,7 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
     peak = peak_flops(device, precision, t.peak_flops)
     amp = lambda: autocast(device, precision)  # noqa: E731 (a factory: each micro-step enters it anew)
     model.train()
-    window_start, window_steps = time.perf_counter(), 0
+    window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
     start_time = time.perf_counter() - state.elapsed
     metrics: dict = {}
     while state.step < t.max_steps:
@@ -260,6 +264,7 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
         state.tokens_seen += tokens_per_step
         state.elapsed = time.perf_counter() - start_time
         window_steps += 1
+        window_data += metrics.pop("data_s")
         if not math.isfinite(metrics["loss"]):
             raise FloatingPointError(f"loss became {metrics['loss']} at step {state.step}; "
                                      f"lower optim.lr or use precision=bf16/fp32")
@@ -272,7 +277,8 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
         now = time.perf_counter()
         step_time = (now - window_start) / window_steps
         metrics.update(step=state.step, tokens_seen=state.tokens_seen, step_time_ms=1000 * step_time,
-                       tokens_per_s=tokens_per_step / step_time, elapsed_s=state.elapsed)
+                       tokens_per_s=tokens_per_step / step_time, elapsed_s=state.elapsed,
+                       data_wait=window_data / (now - window_start))  # the share of step time spent waiting for data
         if flops_per_token and peak:
             # Per device: each device processes tokens_per_step / world_size tokens per step.
             metrics["mfu"] = flops_per_token * tokens_per_step / world_size / step_time / peak
@@ -282,6 +288,6 @@ def train_loop(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer, 
                 state.best_val_loss = metrics["val_loss"]
         report(metrics, state, ckpt)
         # Time spent evaluating and saving is not training time: restart the speed window.
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, window_data = time.perf_counter(), 0, 0.0
     return state
 

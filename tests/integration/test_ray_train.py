@@ -31,7 +31,7 @@ def test_one_worker_trains_checkpoints_and_loads(ray_cluster, tmp_path):
     assert result.error is None
     m = result.metrics
     assert m["step"] == 40 and m["tokens_seen"] == 40 * 8 * 32 and math.isfinite(m["val_loss"])
-    assert {"loss", "lr", "grad_norm", "tokens_per_s", "val_perplexity"} <= set(m)
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "data_wait", "val_perplexity"} <= set(m)
     assert len(result.best_checkpoints) == 1  # keep the best N by val loss
     assert Path(result.checkpoint.path).name == "step_000040"
     for source in (result.checkpoint, result.checkpoint.path, tmp_path / "runs" / "one"):

@@ -1,5 +1,6 @@
 import contextlib
 import math
+import time
 
 import pytest
 import torch
@@ -73,6 +74,22 @@ def test_clipping_reports_the_norm_before_clipping():
     out = train_step(model, opt, make_scaler(CPU, "fp32"), iter([(x, x)]), 1, 0.0, 1e-3, fp32)
     assert out["grad_norm"] > 1e-3  # the raw norm, not the clipped one
     assert out["lr"] == 0.0 and math.isfinite(out["loss"])
+
+
+def test_train_step_counts_the_time_spent_waiting_for_batches():
+    x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def slow():  # a data iterator that takes at least 50 ms per batch
+        while True:
+            time.sleep(0.05)
+            yield x, x
+
+    model = make()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    out = train_step(model, opt, make_scaler(CPU, "fp32"), slow(), 2, 0.0, 1.0, fp32)
+    assert out["data_s"] >= 0.1  # two micro-steps, each waited at least 50 ms
+    out = train_step(model, opt, make_scaler(CPU, "fp32"), iter([(x, x)] * 2), 2, 0.0, 1.0, fp32)
+    assert out["data_s"] < 0.05  # a ready list costs next() next to nothing
 
 
 def test_evaluate_mean_loss_and_perplexity():
