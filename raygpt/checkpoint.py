@@ -78,7 +78,9 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: Config, tokenize
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION,
                 "step": train_state.step if train_state else 0,
                 "tokens_seen": train_state.tokens_seen if train_state else 0,
-                "val_loss": (metrics or {}).get("val_loss"), "files": files}
+                "val_loss": (metrics or {}).get("val_loss"), "files": files,
+                # the metrics of the step it was taken at (loss, lr, grad norm, ...), numbers only
+                "metrics": {k: v for k, v in (metrics or {}).items() if isinstance(v, (int, float))}}
         _write_synced(tmp / META, json.dumps(meta, indent=2))
         _fsync_dir(tmp)
         if path.exists():
@@ -173,7 +175,8 @@ def restore_training(state: dict, optimizer=None, scaler=None):
 
 
 def latest_checkpoint(directory: str | Path) -> Optional[Path]:
-    """The valid checkpoint with the highest step below ``directory`` (partial saves are skipped)."""
+    """The valid checkpoint with the highest step below ``directory``. Partial saves are skipped: no
+    meta.json, or a file missing or of the wrong size (a copy to storage that died half-way)."""
     directory = Path(directory)
     if not directory.is_dir():
         return None
@@ -182,8 +185,12 @@ def latest_checkpoint(directory: str | Path) -> Optional[Path]:
         if child.name.startswith(".") or not child.is_dir():
             continue
         try:
-            step = read_meta(child)["step"]
+            meta = read_meta(child)
         except CheckpointError:
+            continue
+        step = meta["step"]
+        if any(not (child / name).is_file() or (child / name).stat().st_size != f["bytes"]
+               for name, f in meta["files"].items()):
             continue
         if step > best_step:
             best, best_step = child, step

@@ -39,8 +39,8 @@ def cmd_train(argv: Sequence[str]) -> int:
     """On Ray (a TorchTrainer over prepared shards) unless --local: this process, no Ray. Ends with
     samples from the last checkpoint and where it is."""
     local = "--local" in argv
-    path, overrides = split_config_args([a for a in argv if a != "--local"])
-    cfg = load_config(path, overrides)
+    path, overrides = split_config_args([a for a in argv if a not in ("--local", "--wandb")])
+    cfg = load_config(path, overrides + (["logging.wandb=true"] if "--wandb" in argv else []))
     if local:
         from raygpt.local import train_local
 
@@ -112,7 +112,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"usage: raygpt {{{'|'.join(COMMANDS)}}} ...\n"
               "  prepare [CONFIG] [key=value ...] tokenize data.source into Parquet shards (Ray Data)\n"
               "  train [CONFIG] [key=value ...]   train a GPT on Ray (defaults < CONFIG < overrides);\n"
-              "                                   --local trains in this process without Ray\n"
+              "                                   --local trains in this process without Ray; --wandb logs to W&B\n"
               "  generate CHECKPOINT [PROMPT]     sample text (see raygpt generate --help)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -110,6 +110,13 @@ class RayConfig:
     max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
     # Ray Data prefetch per worker, in batches.
     prefetch_batches: int = 2
+    # Fault injection, for tests and fire drills: the worker of rank fail_rank exits hard (os._exit) when
+    # it starts step fail_at_step, once per run (a marker in the run's storage folder, which must be local,
+    # records that it happened). With fail_in=checkpoint it dies instead while writing the checkpoint of
+    # that step, after part of it has reached storage.
+    fail_at_step: Optional[int] = None
+    fail_rank: int = 0
+    fail_in: Literal["step", "checkpoint"] = "step"
 
 
 @dataclass
@@ -121,13 +128,19 @@ class SampleConfig:
     top_k: Optional[int] = 50
     top_p: Optional[float] = None
     seed: int = 0
+    # Tokens of the sample that rank 0 generates from `prompt` with `seed` at every eval (0: none).
+    eval_tokens: int = 80
 
 
 @dataclass
 class LoggingConfig:
+    # Weights & Biases (raygpt/tracking.py): rank 0 logs config, metrics and eval samples to one W&B run.
     wandb: bool = False
     wandb_project: str = "raygpt"
-    wandb_run_name: Optional[str] = None
+    wandb_run_name: Optional[str] = None  # None: train.run_name
+    wandb_group: Optional[str] = None
+    # None: WANDB_MODE, else online with an API key configured and offline without one.
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
 
 
 @dataclass
@@ -304,10 +317,21 @@ def validate(cfg: Config) -> None:
     r = cfg.ray
     if r.num_workers < 0 or r.max_failures < 0 or r.prefetch_batches < 0:
         raise ConfigError("ray.num_workers, ray.max_failures and ray.prefetch_batches must not be negative")
+    if r.fail_at_step is not None:
+        if not 1 <= r.fail_at_step <= t.max_steps:
+            raise ConfigError(f"ray.fail_at_step={r.fail_at_step} must be between 1 and train.max_steps={t.max_steps}")
+        if not 0 <= r.fail_rank < max(1, r.num_workers):
+            raise ConfigError(f"ray.fail_rank={r.fail_rank} is not a worker rank (ray.num_workers={r.num_workers})")
+        if r.fail_in == "checkpoint" and r.fail_rank != 0:
+            raise ConfigError("ray.fail_in=checkpoint needs ray.fail_rank=0 (rank 0 writes the checkpoints)")
+        if r.storage_path and "://" in r.storage_path:
+            raise ConfigError("ray.fail_at_step needs a local ray.storage_path (it leaves a marker file there)")
     positive("ray.cpus_per_worker", r.cpus_per_worker)
     positive("ray.threads_per_worker", r.threads_per_worker)
     positive("sample.max_new_tokens", s.max_new_tokens)
     positive("sample.num_samples", s.num_samples)
+    if s.eval_tokens < 0:
+        raise ConfigError(f"sample.eval_tokens={s.eval_tokens} must not be negative (0: no sample at evals)")
     if s.temperature < 0:
         raise ConfigError(f"sample.temperature={s.temperature} must not be negative (0 is greedy)")
     positive("sample.top_k", s.top_k)

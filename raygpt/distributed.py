@@ -4,6 +4,7 @@ TorchTrainer wiring around it. Model, step, checkpoint format: all from the core
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -19,11 +20,12 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raygpt.checkpoint import save_checkpoint
+from raygpt.checkpoint import latest_checkpoint, read_meta, save_checkpoint
 from raygpt.config import Config, ConfigError, config_from_dict, grad_accum_steps
 from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, read_units, split_units
 from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches
-from raygpt.runs import build_training, format_progress, name_run, resume_points, with_vocab
+from raygpt.runs import build_training, eval_sample, format_progress, format_sample, name_run, resume_points, with_vocab
+from raygpt.tracking import WandbLogger
 from raygpt.train import rng_state, train_loop
 
 READ_UNITS = 8  # units (Parquet row groups) per Ray Data read call
@@ -136,6 +138,36 @@ def _val_batches(cfg: Config, total_tokens: int) -> list[tuple[torch.Tensor, tor
                          cfg.train.batch_size, cfg.train.eval_steps, cfg.train.seed + 1, ray.train.torch.get_device())
 
 
+def _fault_due(cfg: Config, run_path: str, rank: int, step: int, where: str) -> bool:
+    """ray.fail_at_step: True once per run for the chosen rank, step and place (a marker file records it)."""
+    r = cfg.ray
+    if (r.fail_at_step, r.fail_rank, r.fail_in) != (step, rank, where):
+        return False
+    marker = Path(run_path) / f".fault-injected-{where}-rank{rank}-step{step}"
+    if marker.exists():
+        return False
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.touch()
+    print(f"fault injection: rank {rank} exits hard at step {step} ({where}; ray.fail_at_step)", flush=True)
+    return True
+
+
+def _with_fault(cfg: Config, run_path: str, rank: int, batches: Iterator, state) -> Iterator:
+    for batch in batches:
+        if _fault_due(cfg, run_path, rank, state.step + 1, "step"):
+            os._exit(1)
+        yield batch
+
+
+def _die_mid_upload(saved: Path, dest: Path) -> None:
+    """ray.fail_in=checkpoint: leave what a copy to storage that died half-way leaves, then exit hard."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in sorted(saved.iterdir()):
+        data = f.read_bytes()
+        (dest / f.name).write_bytes(data if f.suffix != ".safetensors" else data[:len(data) // 2])
+    os._exit(1)
+
+
 def train_func(config: dict) -> None:
     """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train."""
     cfg = config_from_dict(config["cfg"])
@@ -145,24 +177,38 @@ def train_func(config: dict) -> None:
     torch.set_num_threads(cfg.ray.threads_per_worker or max(1, int(cfg.ray.cpus_per_worker)))
     device = ray.train.torch.get_device()
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as d:
-            t = build_training(cfg, device, resume=Path(d))
-    else:
-        t = build_training(cfg, device)
+    # Ray's latest checkpoint is the last one whose report reached its controller from every worker; when a
+    # worker dies, rank 0 may already have written newer ones (reports are collected by polling). Resume
+    # from the newest valid one: no finished step is lost, and the run continues exactly.
+    newest = latest_checkpoint(config["run_path"]) if config["run_path"] else None
+    with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
+        candidates = [Path(p) for p in (d, newest) if p is not None]
+        resume = max(candidates, key=lambda p: read_meta(p)["step"], default=None)
+        t = build_training(cfg, device, resume=resume)
     model = ray.train.torch.prepare_model(t.model) if world > 1 else t.model
     position = dict(t.data_state)  # updated by the iterator as epochs go by
     train_batches = _train_batches(cfg, config["train_units"], t.state.tokens_seen, position)
+    if cfg.ray.fail_at_step is not None:
+        train_batches = _with_fault(cfg, config["run_path"], rank, train_batches, t.state)
     val = _val_batches(cfg, config["val_tokens"])
     if rank == 0:
         print(f"train: {world} worker(s) on {device} {t.precision}"
-              + (f", resuming at step {t.state.step}" if checkpoint is not None else ""), flush=True)
+              + (f", resuming at step {t.state.step}" if resume is not None else ""), flush=True)
+
+    tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
 
     def report(metrics: dict, state, checkpoint: bool) -> None:
         # Every worker calls ray.train.report the same number of times (it is a barrier); rank 0 alone
-        # prints and writes the checkpoint, which Ray copies to storage_path.
+        # prints, logs to W&B and writes the checkpoint, which Ray copies to storage_path.
         if rank == 0:
             print(format_progress(metrics, cfg.train.max_steps), flush=True)
+            if tracker:
+                tracker.log(metrics)
+            if "val_loss" in metrics and cfg.sample.eval_tokens:
+                text = eval_sample(model, tokenizer, cfg, t.precision)
+                print(format_sample(state.step, text), flush=True)
+                if tracker:
+                    tracker.sample(state.step, text)
         if not checkpoint or rank != 0:
             ray.train.report(metrics)
             return
@@ -170,11 +216,17 @@ def train_func(config: dict) -> None:
             path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, tokenizer, optimizer=t.optimizer,
                                    scaler=t.scaler, train_state=state, rng=rng_state(),
                                    data_state=dict(position), metrics=metrics)
+            if cfg.ray.fail_at_step is not None and _fault_due(cfg, config["run_path"], 0, state.step, "checkpoint"):
+                _die_mid_upload(path, Path(config["run_path"]) / f"step_{state.step:06d}")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
                              checkpoint_dir_name=f"step_{state.step:06d}")
 
-    train_loop(cfg, model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state, device=device,
-               precision=t.precision, world_size=world, flops_per_token=t.flops_per_token)
+    try:
+        train_loop(cfg, model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state, device=device,
+                   precision=t.precision, world_size=world, flops_per_token=t.flops_per_token)
+    finally:
+        if tracker:
+            tracker.finish()
 
 
 # --------------------------------------------------------------------------- on the driver
@@ -270,7 +322,10 @@ def train(cfg: Config, print_fn=print, loop=train_func):
                 "val": unit_dataset(val_units, [(0, u) for u in range(len(val_units))])}
     trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets,
                            train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()),
-                                              "train_units": train_units, "val_tokens": val_tokens},
+                                              "train_units": train_units, "val_tokens": val_tokens,
+                                              # the run's folder when storage is local (None for a URI)
+                                              "run_path": None if "://" in storage else
+                                              str(Path(storage) / cfg.train.run_name)},
                            dataset_config=UnitShards(cfg, train_units, start_tokens))
     return trainer.fit()
 

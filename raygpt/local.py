@@ -18,9 +18,10 @@ from raygpt.checkpoint import unwrap
 from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
 from raygpt.data.windows import fixed_batches
-from raygpt.runs import (build_training, device_for, find_resume, format_progress, run_dir, save_run_checkpoint,
-                         with_vocab)
+from raygpt.runs import (build_training, device_for, eval_sample, find_resume, format_progress, format_sample,
+                         run_dir, save_run_checkpoint, with_vocab)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
+from raygpt.tracking import WandbLogger
 from raygpt.train import TokenBatches, train_loop
 
 
@@ -64,6 +65,7 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
 
     reports: list[dict] = []
     last_ckpt = resume
+    tracker = WandbLogger(cfg, path, print_fn) if cfg.logging.wandb else None
     with open(path / "metrics.jsonl", "a") as log:
         def report(metrics: dict, state, checkpoint: bool) -> None:
             nonlocal last_ckpt
@@ -71,9 +73,20 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
             log.write(json.dumps(metrics) + "\n")
             log.flush()
             print_fn(format_progress(metrics, cfg.train.max_steps))
+            if tracker:
+                tracker.log(metrics)
+            if "val_loss" in metrics and cfg.sample.eval_tokens:
+                text = eval_sample(t.model, tokenizer, cfg, t.precision)
+                print_fn(format_sample(state.step, text))
+                if tracker:
+                    tracker.sample(state.step, text)
             if checkpoint:
                 last_ckpt = save_run_checkpoint(path, cfg, tokenizer, t, metrics, train_batches.state_dict())
 
-        train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state,
-                   device=device, precision=t.precision, flops_per_token=t.flops_per_token)
+        try:
+            train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state,
+                       device=device, precision=t.precision, flops_per_token=t.flops_per_token)
+        finally:
+            if tracker:
+                tracker.finish()
     return LocalResult(path, last_ckpt, reports, tokenizer)

@@ -21,8 +21,9 @@ from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoi
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.tokenizer import Tokenizer, load_tokenizer
-from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_device, resolve_precision,
-                          rng_state, set_rng_state)
+from raygpt.generate import generate_tokens
+from raygpt.train import (TrainState, autocast, configure_optimizer, make_scaler, resolve_device,
+                          resolve_precision, rng_state, set_rng_state)
 
 
 def name_run(cfg: Config) -> str:
@@ -92,6 +93,7 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     scaler = make_scaler(device, precision)
     if resume is not None:
         state, rng, data_state = restore_training(saved, optimizer, scaler)
+        state.resumed_from.append(state.step)
         set_rng_state(rng)
     flops = model.flops_per_token()
     if cfg.train.compile:
@@ -159,6 +161,29 @@ def format_progress(m: dict, max_steps: int) -> str:
     eta = m["step_time_ms"] / 1000 * (max_steps - m["step"])  # at the current speed (start-up excluded)
     parts.append(f"{_hms(elapsed)} elapsed, ETA {_hms(eta)}")
     return " | ".join(parts)
+
+
+@torch.no_grad()
+def eval_sample(model: nn.Module, tokenizer: Tokenizer, cfg: Config, precision: str) -> str:
+    """The sample printed and logged at every eval: sample.eval_tokens tokens from sample.prompt with
+    sample.seed, so samples compare across evals. Uses its own generator: training's RNG is untouched."""
+    raw = getattr(model, "module", model)  # DDP
+    raw = getattr(raw, "_orig_mod", raw)  # torch.compile
+    device = next(raw.parameters()).device
+    s = cfg.sample
+    was_training = raw.training
+    raw.eval()
+    try:
+        ids = generate_tokens(raw, tokenizer.encode(s.prompt) or [tokenizer.eot_id], s.eval_tokens, s.temperature,
+                              s.top_k, s.top_p, generator=torch.Generator(device=device).manual_seed(s.seed),
+                              amp=lambda: autocast(device, precision))
+        return s.prompt + tokenizer.decode(list(ids))
+    finally:
+        raw.train(was_training)
+
+
+def format_sample(step: int, text: str) -> str:
+    return f"--- sample at step {step} ---\n{text}\n---"
 
 
 def _hms(seconds: float) -> str:

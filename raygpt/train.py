@@ -166,6 +166,7 @@ class TrainState:
     tokens_seen: int = 0
     best_val_loss: Optional[float] = None
     elapsed: float = 0.0  # training seconds before this process (for ETA across resumes)
+    resumed_from: list = field(default_factory=list)  # the step of every resume (a re-run or a restart)
     extra: dict = field(default_factory=dict)
 
 

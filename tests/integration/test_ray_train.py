@@ -11,6 +11,7 @@ import raygpt
 from raygpt.config import ConfigError, load_config
 from raygpt.distributed import train
 
+from tests.conftest import wandb_records
 from tests.integration.conftest import DASHBOARD, ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,9 +27,16 @@ def tiny(tmp_path, *over):
 
 
 def test_one_worker_trains_checkpoints_and_loads(ray_cluster, tmp_path):
-    cfg = tiny(tmp_path, "train.run_name=one", "train.keep_checkpoints=1")
+    cfg = tiny(tmp_path, "train.run_name=one", "train.keep_checkpoints=1", "logging.wandb=true",
+               "logging.wandb_mode=offline")
     result = train(cfg, print_fn=lambda s: None)
     assert result.error is None
+    # rank 0 logged one W&B run (offline, in the run folder): metrics at every log step, samples at evals
+    records = wandb_records(tmp_path / "runs" / "one")
+    assert {r["data"]["run_id"] for r in records if r["kind"] == "run"} == {"one"}
+    history = [r["data"] for r in records if r["kind"] == "history"]
+    assert {h["_step"] for h in history if "loss" in h} == {1, 10, 20, 30, 40}
+    assert [h["samples/nrows"] for h in history if "samples/nrows" in h] == [1, 2]
     m = result.metrics
     assert m["step"] == 40 and m["tokens_seen"] == 40 * 8 * 32 and math.isfinite(m["val_loss"])
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "data_wait", "val_perplexity"} <= set(m)

@@ -65,6 +65,20 @@ def test_partial_directory_is_not_taken_for_a_checkpoint(saved):
         load(partial)
 
 
+def test_a_half_copied_checkpoint_is_not_taken_for_the_latest(saved):
+    """What a copy to storage that died half-way leaves: every file, meta.json too, but one cut short."""
+    path, *_ = saved
+    half = path.parent / "step_000099"
+    shutil.copytree(path, half)
+    meta = json.loads((half / "meta.json").read_text())
+    meta["step"] = 99
+    (half / "meta.json").write_text(json.dumps(meta))
+    assert latest_checkpoint(path.parent) == half  # whole, it would be the latest
+    weights = (half / "model.safetensors").read_bytes()
+    (half / "model.safetensors").write_bytes(weights[:len(weights) // 2])
+    assert latest_checkpoint(path.parent) == path
+
+
 def test_corrupt_and_foreign_checkpoints_give_clear_errors(saved, tmp_path):
     path, *_ = saved
     with pytest.raises(CheckpointError, match="does not exist"):

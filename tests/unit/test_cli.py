@@ -3,6 +3,7 @@ import sys
 from pathlib import Path
 
 from raygpt.cli import main, split_config_args
+from raygpt.config import load_config
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.n_layer=1", "model.n_head=2", "model.n_embd=16", "model.block_size=16", "train.max_steps=20",
@@ -22,6 +23,8 @@ def test_local_train_prints_samples_and_the_checkpoint(tmp_path):
                           "train.run_name=cli"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "step 20/20" in out.stdout and "--- sample 1" in out.stdout
+    # a sample from the fixed prompt at every eval (steps 10 and 20)
+    assert "--- sample at step 10 ---\ndef " in out.stdout and "--- sample at step 20 ---\ndef " in out.stdout
     ckpt = tmp_path / "cli" / "step_000020"
     assert f"checkpoint: {ckpt}" in out.stdout
     assert (tmp_path / "cli" / "config.yaml").is_file() and (tmp_path / "cli" / "metrics.jsonl").is_file()
@@ -38,3 +41,30 @@ def test_user_errors_are_one_line(capsys, tmp_path):
     assert main(["generate", str(tmp_path)]) == 2
     assert "not a raygpt checkpoint" in capsys.readouterr().err
     assert main(["bogus"]) == 2
+
+
+def test_wandb_logs_config_metrics_and_samples_offline_without_secrets(tmp_path, monkeypatch):
+    from raygpt.local import train_local
+
+    from tests.conftest import wandb_records
+
+    secret = "f" * 40
+    monkeypatch.setenv("WANDB_API_KEY", secret)  # set, but the run is offline: no network at test time
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = load_config(None,
+                      [*TINY, f"train.out_dir={tmp_path}", "train.run_name=wb", "logging.wandb=true",
+                       "logging.wandb_mode=offline", "logging.wandb_project=test"])
+    train_local(cfg, print_fn=lambda s: None)
+    records = wandb_records(tmp_path / "wb")
+    runs = [r["data"] for r in records if r["kind"] == "run"]
+    assert runs and {r["run_id"] for r in runs} == {"wb"} and runs[0]["project"] == "test"
+    config = runs[0]["config"]  # the resolved config
+    assert config["model"]["n_layer"] == 1 and config["train"]["run_name"] == "wb"
+    history = [r["data"] for r in records if r["kind"] == "history"]
+    steps = {h["_step"] for h in history if "loss" in h}
+    assert steps == {1, 10, 20} and all("tokens_per_s" in h for h in history if "loss" in h)
+    assert {h["_step"] for h in history if "val_loss" in h} == {10, 20}
+    assert [h["samples/nrows"] for h in history if "samples/nrows" in h] == [1, 2]  # the table grows per eval
+    for f in (tmp_path / "wb").rglob("*"):  # the key is in no log, config, W&B file or checkpoint
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f

@@ -80,3 +80,17 @@ def test_grad_accum_keeps_global_batch_for_any_worker_count():
     with pytest.raises(ConfigError, match="global_batch_size"):
         grad_accum_steps(cfg.train, 3)
     assert grad_accum_steps(load_config(None, ["train.batch_size=4"]).train, 2) == 1
+
+
+@pytest.mark.parametrize("over, message", [
+    (["ray.fail_at_step=0"], "ray.fail_at_step=0 must be between 1 and train.max_steps"),
+    (["ray.fail_at_step=5", "ray.fail_rank=2", "ray.num_workers=2"], "ray.fail_rank=2 is not a worker rank"),
+    (["ray.fail_at_step=5", "ray.fail_in=checkpoint", "ray.fail_rank=1", "ray.num_workers=2"],
+     "needs ray.fail_rank=0"),
+    (["ray.fail_at_step=5", "ray.storage_path=s3://bucket/runs"], "needs a local ray.storage_path"),
+    (["ray.fail_in=disk"], "ray.fail_in"),
+    (["sample.eval_tokens=-1"], "sample.eval_tokens=-1 must not be negative"),
+])
+def test_fault_injection_and_eval_sample_settings_are_checked(over, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, over)

@@ -1,0 +1,94 @@
+"""Runs that survive a dead worker, resume exactly, and never take a half-written checkpoint for a good one.
+
+Real processes throughout: ray.fail_at_step makes a worker os._exit() at a chosen step (once per run),
+Ray Train restarts the worker group from the latest checkpoint (ray.max_failures) or the run fails and
+the same command resumes it. Every step is checkpointed, so each step's loss is in its meta.json."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import raygpt
+from raygpt.checkpoint import latest_checkpoint, load_checkpoint, verify
+from raygpt.distributed import train
+
+from tests.integration.test_ray_train import tiny
+
+EVERY_STEP = ["train.max_steps=10", "optim.warmup_steps=2", "train.checkpoint_interval=1", "train.log_interval=1",
+              "train.eval_interval=10", "train.eval_steps=1", "train.keep_checkpoints=20"]
+
+
+def losses(run: Path) -> dict[int, float]:
+    out = {}
+    for meta in run.glob("step_*/meta.json"):
+        m = json.loads(meta.read_text())
+        out[m["step"]] = m["metrics"]["loss"]
+    return out
+
+
+def resumed_from(run: Path) -> list[int]:
+    *_, state = load_checkpoint(latest_checkpoint(run), device="cpu")
+    return state["train"]["resumed_from"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(ray_cluster, tmp_path_factory):
+    """The reference: 2 workers, 10 steps, no failure."""
+    tmp = tmp_path_factory.mktemp("reference")
+    result = train(tiny(tmp, *EVERY_STEP, "ray.num_workers=2", "train.run_name=ref"), print_fn=lambda s: None)
+    assert result.error is None
+    run = tmp / "runs" / "ref"
+    assert sorted(losses(run)) == list(range(1, 11)) and resumed_from(run) == []
+    return losses(run)
+
+
+def assert_same_losses(run: Path, reference: dict, from_step: int) -> None:
+    mine = losses(run)
+    for step in range(from_step, 11):
+        assert mine[step] == pytest.approx(reference[step], abs=1e-5), (step, mine[step], reference[step])
+
+
+def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(uninterrupted, tmp_path):
+    cfg = tiny(tmp_path, *EVERY_STEP, "ray.num_workers=2", "train.run_name=ft", "ray.fail_at_step=7",
+               "ray.fail_rank=1", "ray.max_failures=1")
+    result = train(cfg, print_fn=lambda s: None)
+    assert result.error is None
+    run = tmp_path / "runs" / "ft"
+    assert (run / ".fault-injected-step-rank1-step7").exists()  # it did die
+    assert result.metrics["step"] == 10 and result.metrics["tokens_seen"] == 10 * 2 * 8 * 32
+    assert resumed_from(run) == [6]  # restarted from the last checkpoint written (step 6), not from zero
+    assert_same_losses(run, uninterrupted, 7)  # and exactly as if nothing had happened
+
+
+def test_an_interrupted_run_resumes_exactly(uninterrupted, tmp_path):
+    over = [*EVERY_STEP, "ray.num_workers=2", "train.run_name=resume"]
+    with pytest.raises(Exception, match="exit|died|failed|Worker"):  # no restarts allowed: the run fails
+        train(tiny(tmp_path, *over, "ray.fail_at_step=5", "ray.fail_rank=1"), print_fn=lambda s: None)
+    run = tmp_path / "runs" / "resume"
+    assert read_step(latest_checkpoint(run)) == 4
+    result = train(tiny(tmp_path, *over), print_fn=lambda s: None)  # the same command again
+    assert result.error is None and result.metrics["step"] == 10
+    assert resumed_from(run) == [4]
+    assert_same_losses(run, uninterrupted, 5)  # model, optimizer, LR schedule, RNG and data order resumed
+
+
+def read_step(ckpt: Path) -> int:
+    return json.loads((ckpt / "meta.json").read_text())["step"]
+
+
+def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(ray_cluster, tmp_path):
+    over = [*EVERY_STEP, "ray.num_workers=1", "train.run_name=crash", "train.max_steps=6"]
+    with pytest.raises(Exception, match="exit|died|failed|Worker"):
+        train(tiny(tmp_path, *over, "ray.fail_at_step=5", "ray.fail_in=checkpoint"), print_fn=lambda s: None)
+    run = tmp_path / "runs" / "crash"
+    partial = run / "step_000005"
+    assert (partial / "meta.json").is_file()  # the half-copied checkpoint is there, meta.json and all
+    with pytest.raises(Exception, match="truncated"):
+        verify(partial)
+    assert latest_checkpoint(run).name == "step_000004"  # but it is never taken for the latest
+    assert raygpt.load(run, device="cpu").generate("x", max_new_tokens=3, seed=0) is not None
+    result = train(tiny(tmp_path, *over), print_fn=lambda s: None)
+    assert result.error is None and result.metrics["step"] == 6
+    assert resumed_from(run) == [4]
+    verify(partial)  # written again, whole
