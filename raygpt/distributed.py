@@ -9,6 +9,7 @@ import dataclasses
 import itertools
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -138,6 +139,14 @@ def _val_batches(cfg: Config, total_tokens: int) -> list[tuple[torch.Tensor, tor
                          cfg.train.batch_size, cfg.train.eval_steps, cfg.train.seed + 1, ray.train.torch.get_device())
 
 
+def format_startup(clock: dict) -> str:
+    """Where the time to the first optimizer step went (driver and worker clocks: one machine, or NTP)."""
+    parts = [("ray.init", "start", "ray"), ("prepare", "ray", "data"), ("checks", "data", "fit"),
+             ("worker start", "fit", "worker"), ("model, data and step 1", "worker", "first_step")]
+    return ("start-up: " + ", ".join(f"{name} {clock[b] - clock[a]:.1f} s" for name, a, b in parts)
+            + f" (to the first step: {clock['first_step'] - clock['start']:.1f} s)")
+
+
 def _fault_due(cfg: Config, run_path: str, rank: int, step: int, where: str) -> bool:
     """ray.fail_at_step: True once per run for the chosen rank, step and place (a marker file records it)."""
     r = cfg.ray
@@ -170,6 +179,7 @@ def _die_mid_upload(saved: Path, dest: Path) -> None:
 
 def train_func(config: dict) -> None:
     """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train."""
+    clock = dict(config.get("clock") or {}, worker=time.time())  # bench loops may pass none
     cfg = config_from_dict(config["cfg"])
     tokenizer = prepared_tokenizer(config["prepared"])
     ctx = ray.train.get_context()
@@ -201,6 +211,9 @@ def train_func(config: dict) -> None:
         # Every worker calls ray.train.report the same number of times (it is a barrier); rank 0 alone
         # prints, logs to W&B and writes the checkpoint, which Ray copies to storage_path.
         if rank == 0:
+            if "first_step" not in clock and "start" in clock:
+                clock["first_step"] = time.time()
+                print(format_startup(clock), flush=True)
             print(format_progress(metrics, cfg.train.max_steps), flush=True)
             if tracker:
                 tracker.log(metrics)
@@ -283,8 +296,11 @@ def train(cfg: Config, print_fn=print, loop=train_func):
 
     A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
     ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches)."""
+    clock = {"start": time.time()}  # wall-clock marks for the start-up line rank 0 prints at step 1
     connect()
+    clock["ray"] = time.time()
     prepared = prepare(cfg.data, print_fn)
+    clock["data"] = time.time()
     manifest = load_manifest(prepared)
     tokenizer = prepared_tokenizer(prepared)
     cfg = with_vocab(cfg, tokenizer)
@@ -320,12 +336,13 @@ def train(cfg: Config, print_fn=print, loop=train_func):
     # UnitShards deals the units out per worker when there are workers.
     datasets = {"train": unit_dataset(train_units, train_items(cfg, train_units, 0, 1, start_tokens)),
                 "val": unit_dataset(val_units, [(0, u) for u in range(len(val_units))])}
+    clock["fit"] = time.time()
     trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets,
                            train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()),
                                               "train_units": train_units, "val_tokens": val_tokens,
                                               # the run's folder when storage is local (None for a URI)
                                               "run_path": None if "://" in storage else
-                                              str(Path(storage) / cfg.train.run_name)},
+                                              str(Path(storage) / cfg.train.run_name), "clock": clock},
                            dataset_config=UnitShards(cfg, train_units, start_tokens))
     return trainer.fit()
 

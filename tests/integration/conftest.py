@@ -2,6 +2,7 @@
 driver-side tests join with ray.init(address=...) and job tests submit to. Stopped at the end."""
 
 import os
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -12,11 +13,16 @@ RAY = str(Path(sys.executable).parent / "ray")
 GCS_PORT, DASHBOARD_PORT = 6389, 8275
 DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
-# Token auth is Ray's default for new clusters and a stale ~/.ray/auth_token would make the dashboard
-# demand a token: this session's cluster runs without it, set the same way on every side.
-ENV = {"RAY_AUTH_MODE": "disabled", "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+# The session's cluster runs with Ray's token authentication, as a shared cluster should: a fresh token
+# for this session, in the environment of every side (the head, this driver, `ray job` CLI calls), so a
+# stale ~/.ray/auth_token plays no part. test_ray_train checks that a submission without it is refused.
+# (Test modules import this file again under its package name: the second import must keep the token.)
+TOKEN = os.environ.setdefault("RAYGPT_TEST_RAY_TOKEN", secrets.token_hex(32))
+ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
        # `python` in submitted jobs must be this interpreter
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+# Now, not in the fixture: Ray reads its auth mode when it is first imported, which test modules do.
+os.environ.update(ENV)
 
 
 def pytest_collection_modifyitems(items):

@@ -75,3 +75,18 @@ def test_ray_job_submit_trains_and_writes_a_loadable_checkpoint(ray_cluster, tmp
     assert "succeeded" in out.stdout and "--- sample 1" in out.stdout
     gen = raygpt.load(out_dir / "job", device="cpu")
     assert isinstance(gen.generate("def ", max_new_tokens=10, seed=0), str)
+
+
+def test_the_token_protected_head_refuses_a_submission_without_the_token(ray_cluster, tmp_path):
+    """The session's head requires Ray's token (conftest.ENV); the job test above submits with it."""
+    import os
+
+    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", DASHBOARD, "--", "echo", "hi"]
+    for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},  # a wrong token
+                {"RAY_AUTH_MODE": "disabled"}):  # none at all
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                             env={**clean, "HOME": str(tmp_path), **env})  # HOME: no ~/.ray/auth_token
+        said = out.stdout + out.stderr  # "Forbidden: Invalid authentication token" / "Unauthorized: Missing ..."
+        assert out.returncode != 0 and ("Forbidden" in said or "Unauthorized" in said), said
+        assert "hi\n" not in out.stdout
