@@ -21,6 +21,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
+import raygpt
 from raygpt.checkpoint import latest_checkpoint, read_meta, save_checkpoint
 from raygpt.config import Config, ConfigError, config_from_dict, grad_accum_steps
 from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, read_units, split_units
@@ -141,10 +142,10 @@ def _val_batches(cfg: Config, total_tokens: int) -> list[tuple[torch.Tensor, tor
 
 def format_startup(clock: dict) -> str:
     """Where the time to the first optimizer step went (driver and worker clocks: one machine, or NTP)."""
-    parts = [("ray.init", "start", "ray"), ("prepare", "ray", "data"), ("checks", "data", "fit"),
+    parts = [("imports", "process", "start"), ("ray.init", "start", "ray"), ("prepare", "ray", "data"), ("checks", "data", "fit"),
              ("worker start", "fit", "worker"), ("model, data and step 1", "worker", "first_step")]
     return ("start-up: " + ", ".join(f"{name} {clock[b] - clock[a]:.1f} s" for name, a, b in parts)
-            + f" (to the first step: {clock['first_step'] - clock['start']:.1f} s)")
+            + f" (to the first step: {clock['first_step'] - clock['process']:.1f} s)")
 
 
 def _fault_due(cfg: Config, run_path: str, rank: int, step: int, where: str) -> bool:
@@ -296,7 +297,8 @@ def train(cfg: Config, print_fn=print, loop=train_func):
 
     A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
     ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches)."""
-    clock = {"start": time.time()}  # wall-clock marks for the start-up line rank 0 prints at step 1
+    # Wall-clock marks for the start-up line rank 0 prints at step 1, from when raygpt was first imported.
+    clock = {"process": raygpt.IMPORTED_AT, "start": time.time()}
     connect()
     clock["ray"] = time.time()
     prepared = prepare(cfg.data, print_fn)
