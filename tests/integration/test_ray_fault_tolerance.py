@@ -11,9 +11,10 @@ import pytest
 
 import raygpt
 from raygpt.checkpoint import latest_checkpoint, load_checkpoint, verify
+from raygpt.cli import main
 from raygpt.distributed import train
 
-from tests.integration.test_ray_train import tiny
+from tests.integration.test_ray_train import TINY, tiny
 
 EVERY_STEP = ["train.max_steps=10", "optim.warmup_steps=2", "train.checkpoint_interval=1", "train.log_interval=1",
               "train.eval_interval=10", "train.eval_steps=1", "train.keep_checkpoints=20"]
@@ -61,10 +62,13 @@ def test_a_killed_worker_restarts_from_the_checkpoint_and_finishes(uninterrupted
     assert_same_losses(run, uninterrupted, 7)  # and exactly as if nothing had happened
 
 
-def test_an_interrupted_run_resumes_exactly(uninterrupted, tmp_path):
+def test_an_interrupted_run_resumes_exactly(uninterrupted, tmp_path, capsys):
     over = [*EVERY_STEP, "ray.num_workers=2", "train.run_name=resume"]
-    with pytest.raises(Exception, match="exit|died|failed|Worker"):  # no restarts allowed: the run fails
-        train(tiny(tmp_path, *over, "ray.fail_at_step=5", "ray.fail_rank=1"), print_fn=lambda s: None)
+    # Through the command line: no restarts allowed, so the run fails, and says what to do next.
+    assert main(["train", *TINY, f"train.out_dir={tmp_path / 'runs'}", f"data.prepared_dir={tmp_path / 'prepared'}",
+                 *over, "ray.fail_at_step=5", "ray.fail_rank=1"]) == 1
+    err = capsys.readouterr().err
+    assert "the run 'resume' failed" in err and "the same command resumes from the newest" in err, err
     run = tmp_path / "runs" / "resume"
     assert read_step(latest_checkpoint(run)) == 4
     result = train(tiny(tmp_path, *over), print_fn=lambda s: None)  # the same command again
