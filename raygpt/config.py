@@ -320,7 +320,10 @@ def validate(cfg: Config) -> None:
     if r.fail_at_step is not None:
         if not 1 <= r.fail_at_step <= t.max_steps:
             raise ConfigError(f"ray.fail_at_step={r.fail_at_step} must be between 1 and train.max_steps={t.max_steps}")
-        if not 0 <= r.fail_rank < max(1, r.num_workers):
+        if r.num_workers == 0:
+            raise ConfigError("ray.fail_at_step needs Ray Train workers (ray.num_workers >= 1): in local mode "
+                              "the worker is this process, and it would end it")
+        if not 0 <= r.fail_rank < r.num_workers:
             raise ConfigError(f"ray.fail_rank={r.fail_rank} is not a worker rank (ray.num_workers={r.num_workers})")
         if r.fail_in == "checkpoint" and r.fail_rank != 0:
             raise ConfigError("ray.fail_in=checkpoint needs ray.fail_rank=0 (rank 0 writes the checkpoints)")

@@ -89,6 +89,7 @@ def test_grad_accum_keeps_global_batch_for_any_worker_count():
      "needs ray.fail_rank=0"),
     (["ray.fail_at_step=5", "ray.storage_path=s3://bucket/runs"], "needs a local ray.storage_path"),
     (["ray.fail_in=disk"], "ray.fail_in"),
+    (["ray.fail_at_step=5", "ray.num_workers=0"], "needs Ray Train workers"),
     (["sample.eval_tokens=-1"], "sample.eval_tokens=-1 must not be negative"),
 ])
 def test_fault_injection_and_eval_sample_settings_are_checked(over, message):
