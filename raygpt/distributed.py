@@ -26,7 +26,7 @@ from raygpt.checkpoint import latest_checkpoint, read_meta, save_checkpoint
 from raygpt.config import Config, ConfigError, config_from_dict, grad_accum_steps
 from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, read_units, split_units
 from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches
-from raygpt.runs import build_training, eval_sample, format_progress, format_sample, name_run, resume_points, with_vocab
+from raygpt.runs import build_training, format_progress, name_run, report_sample, resume_points, with_vocab
 from raygpt.tracking import WandbLogger
 from raygpt.train import rng_state, train_loop
 
@@ -218,11 +218,8 @@ def train_func(config: dict) -> None:
             print(format_progress(metrics, cfg.train.max_steps), flush=True)
             if tracker:
                 tracker.log(metrics)
-            if "val_loss" in metrics and cfg.sample.eval_tokens:
-                text = eval_sample(model, tokenizer, cfg, t.precision)
-                print(format_sample(state.step, text), flush=True)
-                if tracker:
-                    tracker.sample(state.step, text)
+            if "val_loss" in metrics:
+                report_sample(model, tokenizer, cfg, t.precision, state.step, lambda s: print(s, flush=True), tracker)
         if not checkpoint or rank != 0:
             ray.train.report(metrics)
             return

@@ -18,8 +18,8 @@ from raygpt.checkpoint import unwrap
 from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
 from raygpt.data.windows import fixed_batches
-from raygpt.runs import (build_training, device_for, eval_sample, find_resume, format_progress, format_sample,
-                         run_dir, save_run_checkpoint, with_vocab)
+from raygpt.runs import (build_training, device_for, find_resume, format_progress, report_sample, run_dir,
+                         save_run_checkpoint, with_vocab)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.tracking import WandbLogger
 from raygpt.train import TokenBatches, train_loop
@@ -75,11 +75,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
             print_fn(format_progress(metrics, cfg.train.max_steps))
             if tracker:
                 tracker.log(metrics)
-            if "val_loss" in metrics and cfg.sample.eval_tokens:
-                text = eval_sample(t.model, tokenizer, cfg, t.precision)
-                print_fn(format_sample(state.step, text))
-                if tracker:
-                    tracker.sample(state.step, text)
+            if "val_loss" in metrics:
+                report_sample(t.model, tokenizer, cfg, t.precision, state.step, print_fn, tracker)
             if checkpoint:
                 last_ckpt = save_run_checkpoint(path, cfg, tokenizer, t, metrics, train_batches.state_dict())
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_config_of, read_meta,
-                               restore_training, save_checkpoint)
+                               restore_training, save_checkpoint, unwrap)
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.tokenizer import Tokenizer, load_tokenizer
@@ -167,8 +167,7 @@ def format_progress(m: dict, max_steps: int) -> str:
 def eval_sample(model: nn.Module, tokenizer: Tokenizer, cfg: Config, precision: str) -> str:
     """The sample printed and logged at every eval: sample.eval_tokens tokens from sample.prompt with
     sample.seed, so samples compare across evals. Uses its own generator: training's RNG is untouched."""
-    raw = getattr(model, "module", model)  # DDP
-    raw = getattr(raw, "_orig_mod", raw)  # torch.compile
+    raw = unwrap(model)
     device = next(raw.parameters()).device
     s = cfg.sample
     was_training = raw.training
@@ -182,8 +181,15 @@ def eval_sample(model: nn.Module, tokenizer: Tokenizer, cfg: Config, precision: 
         raw.train(was_training)
 
 
-def format_sample(step: int, text: str) -> str:
-    return f"--- sample at step {step} ---\n{text}\n---"
+def report_sample(model: nn.Module, tokenizer: Tokenizer, cfg: Config, precision: str, step: int, print_fn,
+                  tracker=None) -> None:
+    """At an eval (both training paths, rank 0): print the eval sample and log it to W&B when on."""
+    if not cfg.sample.eval_tokens:
+        return
+    text = eval_sample(model, tokenizer, cfg, precision)
+    print_fn(f"--- sample at step {step} ---\n{text}\n---")
+    if tracker:
+        tracker.sample(step, text)
 
 
 def _hms(seconds: float) -> str:
