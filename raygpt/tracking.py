@@ -74,3 +74,6 @@ class WandbLogger:
 
     def finish(self) -> None:
         self.run.finish()
+        # finish() can return before W&B's service has written the run's .wandb file (it buffers it to the
+        # end): tearing the service down waits for that, so the offline run is whole once we return.
+        self._wandb.teardown()
