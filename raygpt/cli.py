@@ -1,4 +1,4 @@
-"""`raygpt train|generate ...`: the command line, and what jobs/*.py call.
+"""`raygpt prepare|train|tune|generate ...`: the command line, and what jobs/*.py call.
 
     raygpt train configs/default.yaml model.n_layer=6 optim.lr=3e-4
     raygpt generate runs/NAME "def main(" --max-new-tokens 100 --temperature 0.8 --top-k 50
@@ -81,6 +81,28 @@ def cmd_prepare(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_tune(argv: Sequence[str]) -> int:
+    """Ray Tune + Optuna + ASHA over a tune config's space; prints the table, best config and checkpoint."""
+    p = argparse.ArgumentParser(prog="raygpt tune", description="Search a tune config's space with Ray Tune.")
+    p.add_argument("args", nargs="*", metavar="[TUNE_CONFIG] [key=value]",
+                   help="a tune config (default configs/tune/default.yaml), then overrides")
+    p.add_argument("--samples", type=int, default=None, help="trials in all (tune.samples)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted experiment (tune.experiment, else the latest one)")
+    p.add_argument("--wandb", action="store_true", help="one W&B run per trial, grouped by experiment")
+    a = p.parse_args(argv)
+    path, overrides = split_config_args(a.args)
+    overrides += [f"tune.samples={a.samples}"] if a.samples is not None else []
+    overrides += ["logging.wandb=true"] if a.wandb else []
+    from raygpt.tune_space import load_tune_config
+
+    base, settings = load_tune_config(path, overrides)  # every check before Ray starts
+    from raygpt.tune import run_tune
+
+    run_tune(base, settings, resume=a.resume)
+    return 0
+
+
 def cmd_generate(argv: Sequence[str]) -> int:
     p = argparse.ArgumentParser(prog="raygpt generate", description="Generate text from a raygpt checkpoint.")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
@@ -115,7 +137,7 @@ def cmd_generate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "generate": cmd_generate}
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -125,6 +147,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "  prepare [CONFIG] [key=value ...] tokenize data.source into Parquet shards (Ray Data)\n"
               "  train [CONFIG] [key=value ...]   train a GPT on Ray (defaults < CONFIG < overrides);\n"
               "                                   --local trains in this process without Ray; --wandb logs to W&B\n"
+              "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune (see --help)\n"
               "  generate CHECKPOINT [PROMPT]     sample text (see raygpt generate --help)",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

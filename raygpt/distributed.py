@@ -289,11 +289,12 @@ def check_resources(cfg: Config, use_gpu: bool) -> None:
                           f"{have.get('GPU', 0):g}; lower ray.num_workers or set ray.use_gpu=false")
 
 
-def train(cfg: Config, print_fn=print, loop=train_func):
+def train(cfg: Config, print_fn=print, loop=train_func, callbacks=()):
     """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result.
 
     A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
-    ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches)."""
+    ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches);
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
     # Wall-clock marks for the start-up line rank 0 prints at step 1, from when raygpt was first imported.
     clock = {"process": raygpt.IMPORTED_AT, "start": time.time()}
     connect()
@@ -330,7 +331,9 @@ def train(cfg: Config, print_fn=print, loop=train_func):
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                        checkpoint_score_attribute="val_loss",
                                                        checkpoint_score_order="min"),
-                    failure_config=FailureConfig(max_failures=cfg.ray.max_failures))
+                    failure_config=FailureConfig(max_failures=cfg.ray.max_failures), callbacks=list(callbacks),
+                    # Ray Train's INFO lines repeat every report; rank 0's progress line says it once.
+                    logging_config=ray.train.LoggingConfig(log_level="WARNING"))
     # The base train dataset is rank 0's stream of a one-worker run (what local mode, num_workers=0, reads);
     # UnitShards deals the units out per worker when there are workers.
     datasets = {"train": unit_dataset(train_units, train_items(cfg, train_units, 0, 1, start_tokens)),

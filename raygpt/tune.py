@@ -1,0 +1,208 @@
+"""`raygpt tune` / `python jobs/tune.py`: Ray Tune searches the space of a tune config, Optuna (TPE, seeded)
+proposes, ASHA stops weak trials early on val loss.
+
+Each trial is a Tune function that builds a TorchTrainer through raygpt.distributed.train, exactly the path
+`jobs/train.py` takes, with Tune's TuneReportCallback passing every report on to Tune. Trials share the
+prepared shards (prepared once, before the first trial). Results land in train.out_dir/tune/EXPERIMENT:
+trials.csv, best.yaml (a training config `jobs/train.py` accepts as is), curves.png, and the trials' runs
+and checkpoints under runs/.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import datetime
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+# Trials keep the driver's working directory (the run paths below are absolute anyway).
+os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+
+import ray  # noqa: E402
+import ray.tune  # noqa: E402
+from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.search.optuna import OptunaSearch  # noqa: E402
+
+from raygpt.config import Config, ConfigError, config_from_dict  # noqa: E402
+from raygpt.data.pipeline import prepare, prepared_tokenizer  # noqa: E402
+from raygpt.distributed import check_resources, connect, train  # noqa: E402
+from raygpt.runs import with_vocab  # noqa: E402
+from raygpt.tune_space import TuneSettings, trial_config  # noqa: E402
+
+METRIC = "val_loss"
+
+
+@dataclass
+class TrialRow:
+    """One line of the results table."""
+    trial: str
+    params: dict
+    val_loss: Optional[float]  # the last val loss the trial reported (what ASHA and Optuna compared)
+    steps: int
+    time_s: float
+    stopped: str  # finished | stopped early by ASHA at step N | error: ...
+    checkpoint: Optional[str]
+    curve: list  # [(step, val_loss)]
+
+
+@dataclass
+class TuneOutcome:
+    experiment_dir: Path
+    rows: list  # TrialRow, best first
+    best_config: Optional[Path]
+    best_checkpoint: Optional[str]
+    plot: Optional[Path]
+
+
+def _absolute(cfg: Config) -> Config:
+    """Trials run in other processes: pin every local path of the base config to this directory."""
+    cfg.train.out_dir = str(Path(cfg.train.out_dir).resolve())
+    cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
+    if "://" not in cfg.data.source and Path(cfg.data.source).exists():
+        cfg.data.source = str(Path(cfg.data.source).resolve())
+    return cfg
+
+
+class EvalReportCallback(TuneReportCallback):
+    """Tune's callback for the reports that carry a val loss (every eval, every checkpoint). Tune's searcher
+    and scheduler need the metric in each result; the log-interval reports in between stay with Ray Train
+    (its dashboard view and the run's own progress lines)."""
+
+    def after_report(self, run_context, metrics, checkpoint):
+        if METRIC in metrics[0]:
+            super().after_report(run_context, metrics, checkpoint)
+
+
+class TrialLine(ray.tune.Callback):
+    """One line per finished trial, in place of Tune's status tables."""
+
+    def __init__(self, samples: int, max_steps: int, print_fn):
+        self.samples, self.max_steps, self.print_fn, self.done = samples, max_steps, print_fn, 0
+
+    def _line(self, trial, how: str) -> None:
+        self.done += 1
+        r = trial.last_result or {}
+        params = ", ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
+        loss = f"val {r[METRIC]:.4f} at step {r.get('step')}" if METRIC in r else "no val loss"
+        self.print_fn(f"tune: trial {trial.trial_id} ({self.done}/{self.samples}) {how}: {loss} | {params}")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        r = trial.last_result or {}
+        self._line(trial, "finished" if r.get("step", 0) >= self.max_steps else "stopped early by ASHA")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trial, "failed")
+
+
+def say(line: str) -> None:
+    """print, by a name that pickles (Tune pickles its callbacks, and builtins.print may be patched)."""
+    print(line, flush=True)
+
+
+def _short(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _domains(settings: TuneSettings) -> dict:
+    make = {"loguniform": lambda a: ray.tune.loguniform(*a), "uniform": lambda a: ray.tune.uniform(*a),
+            "randint": lambda a: ray.tune.randint(a[0], a[1] + 1),  # Tune's upper end is exclusive
+            "choice": lambda a: ray.tune.choice(a)}
+    return {key: make[kind](args) for key, (kind, args) in settings.space.items()}
+
+
+def run_trial(params: dict, base: dict, settings: dict, runs_dir: str, group: str) -> None:
+    """One trial, in a Tune trial actor: the base config with the drawn params, trained with a TorchTrainer
+    whose reports reach Tune. A trial that Tune restarts (--resume) continues from its own checkpoints."""
+    s = TuneSettings(**settings)
+    cfg = trial_config(config_from_dict(base), s, params)
+    cfg.train.out_dir, cfg.ray.storage_path = runs_dir, None
+    cfg.train.run_name = ray.tune.get_context().get_trial_id()
+    if cfg.logging.wandb:
+        cfg.logging.wandb_group = cfg.logging.wandb_group or group
+    train(cfg, print_fn=lambda s: None, callbacks=[EvalReportCallback()])
+
+
+def _experiment(base: Config, settings: TuneSettings, resume: bool) -> tuple[str, Path]:
+    root = Path(base.train.out_dir) / "tune"
+    if not resume:
+        name = settings.experiment or datetime.datetime.now().strftime("tune-%Y%m%d-%H%M%S")
+        if (root / name).exists():
+            raise ConfigError(f"the experiment {name!r} already exists in {root}; add --resume to continue it, or "
+                              f"choose another tune.experiment")
+        return name, root / name
+    if settings.experiment is None:
+        found = sorted((p for p in root.glob("*") if ray.tune.Tuner.can_restore(str(p))),
+                       key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise ConfigError(f"--resume: no experiment to resume in {root}")
+        return found[-1].name, found[-1]
+    if not ray.tune.Tuner.can_restore(str(root / settings.experiment)):
+        raise ConfigError(f"--resume: no experiment {settings.experiment!r} to resume in {root}")
+    return settings.experiment, root / settings.experiment
+
+
+def trial_resources(base: Config) -> tuple[Config, int]:
+    """The trials' config (1 CPU per worker unless ray.cpus_per_worker says otherwise), checked against the
+    cluster, and how many trials fit at once."""
+    base = copy.deepcopy(base)
+    use_gpu = base.ray.use_gpu if base.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    if base.ray.cpus_per_worker is None:
+        base.ray = dataclasses.replace(base.ray, cpus_per_worker=1.0)
+    try:
+        check_resources(base, use_gpu)
+    except ConfigError as e:
+        raise ConfigError(f"one trial needs more than the cluster has: {e}") from None
+    workers = max(1, base.ray.num_workers)
+    have = ray.cluster_resources()
+    fit = int(have.get("CPU", 0) // (workers * base.ray.cpus_per_worker))
+    if use_gpu:
+        fit = min(fit, int(have.get("GPU", 0) // workers))
+    return base, max(1, fit)
+
+
+def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_fn=say) -> TuneOutcome:
+    """Run (or --resume) an experiment and write its table, best config and plot."""
+    connect()
+    base = _absolute(base)
+    name, exp_dir = _experiment(base, settings, resume)
+    prepared = prepare(base.data, print_fn)  # once, here: every trial reuses it
+    base = with_vocab(base, prepared_tokenizer(prepared))
+    trials, fit = trial_resources(base)
+    concurrent = min(settings.max_concurrent or fit, fit)
+    grace = settings.grace_steps or base.train.eval_interval
+    print_fn(f"tune: experiment {name!r} in {exp_dir}, {settings.samples} trials, up to {concurrent} at once, "
+             f"{base.train.max_steps} steps each, ASHA grace {grace} steps x{settings.reduction_factor}"
+             + (", resuming" if resume else ""))
+    if not resume:
+        print_fn(f"tune: interrupted? the same command with --resume tune.experiment={name} continues it")
+    trainable = ray.tune.with_parameters(run_trial, base=trials.to_dict(), settings=dataclasses.asdict(settings),
+                                         runs_dir=str(exp_dir / "runs"), group=name)
+    # The trial function only drives its TorchTrainer, whose workers hold the CPUs: it holds none. (Tune
+    # refuses an empty request, so it asks for a token amount of memory instead.)
+    trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
+    if resume:
+        tuner = ray.tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
+                                       resume_errored=True)
+    else:
+        tuner = ray.tune.Tuner(
+            trainable, param_space=_domains(settings),
+            tune_config=ray.tune.TuneConfig(
+                metric=METRIC, mode="min", num_samples=settings.samples, max_concurrent_trials=concurrent,
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
+                search_alg=OptunaSearch(seed=settings.seed),
+                scheduler=ASHAScheduler(time_attr="step", max_t=base.train.max_steps, grace_period=grace,
+                                        reduction_factor=settings.reduction_factor)),
+            run_config=ray.tune.RunConfig(name=name, storage_path=str(exp_dir.parent), verbose=0,
+                                          callbacks=[TrialLine(settings.samples, base.train.max_steps, print_fn)]))
+    results = tuner.fit()
+    from raygpt.tune_report import summarize  # matplotlib and the table: after the trials
+
+    # best.yaml keeps the user's own resources (a trial's 1 CPU per worker is for running several at once)
+    return summarize(results, base, settings, exp_dir, print_fn)
+
+
+__all__ = ["run_tune", "run_trial", "TrialRow", "TuneOutcome", "METRIC"]

@@ -1,0 +1,115 @@
+"""`raygpt tune`: real Ray Tune experiments (Optuna proposing, ASHA stopping) of real TorchTrainer trials
+on the session cluster, with tiny models."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+import raygpt
+from raygpt.cli import main
+from raygpt.config import load_config
+from raygpt.tune import run_tune
+from raygpt.tune_space import load_tune_config, trial_config
+from tests.integration.conftest import ENV
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def tune_yaml(tmp_path, **tune) -> Path:
+    """A tiny experiment: 40-step trials judged every 10 steps, one trial at a time so ASHA's decisions
+    depend only on the (seeded) losses, not on which trial happens to report first."""
+    path = tmp_path / "tune.yaml"
+    path.write_text(yaml.safe_dump({
+        "model": {"n_layer": 1, "n_head": 2, "n_embd": 32, "block_size": 32},
+        "data": {"max_chars": 300000, "prepared_dir": str(tmp_path / "prepared")},
+        "optim": {"warmup_steps": 0},
+        "train": {"max_steps": 40, "eval_interval": 10, "eval_steps": 4, "log_interval": 10, "batch_size": 8,
+                  "checkpoint_interval": 40, "out_dir": str(tmp_path / "runs")},
+        "sample": {"eval_tokens": 0},
+        "tune": {"samples": 5, "grace_steps": 10, "reduction_factor": 2, "max_concurrent": 1, "seed": 0,
+                 "space": {"optim.lr": {"loguniform": [1e-4, 3e-2]},
+                           "optim.warmup_fraction": {"uniform": [0.0, 0.2]},
+                           "model.size": {"choice": ["one", "two"]}},
+                 "model_sizes": {"one": {"n_layer": 1}, "two": {"n_layer": 2}}, **tune}}))
+    return path
+
+
+def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluster, tmp_path):
+    base, settings = load_tune_config(tune_yaml(tmp_path, experiment="exp"))
+    lines = []
+    out = run_tune(base, settings, print_fn=lines.append)
+    exp = tmp_path / "runs" / "tune" / "exp"
+    assert out.experiment_dir == exp and len(out.rows) == 5
+    assert sum(line.startswith("tune: trial ") for line in lines) == 5  # one line per finished trial
+    stopped = [r for r in out.rows if r.stopped.startswith("stopped early by ASHA")]
+    finished = [r for r in out.rows if r.stopped == "finished"]
+    assert stopped and finished and len(stopped) + len(finished) == 5, [r.stopped for r in out.rows]
+    assert all(r.steps < 40 for r in stopped) and all(r.steps == 40 for r in finished)
+    losses = [r.val_loss for r in out.rows]
+    assert losses == sorted(losses)  # best first
+    # The table, as CSV: one row per trial, the sampled values and the outcome.
+    import csv
+
+    with open(exp / "trials.csv") as f:
+        table = list(csv.DictReader(f))
+    assert [row["trial"] for row in table] == [r.trial for r in out.rows]
+    assert {"optim.lr", "optim.warmup_fraction", "model.size", "val_loss", "steps", "time_s", "stopped"} <= set(table[0])
+    # The best config: the base with the best trial's values, which `raygpt train` takes unchanged.
+    best = out.rows[0]
+    saved = load_config(out.best_config)
+    assert saved.optim.lr == pytest.approx(best.params["optim.lr"])
+    assert saved.model.n_layer == {"one": 1, "two": 2}[best.params["model.size"]]
+    assert saved.train.run_name is None  # trains as a new run, not as the trial's finished one
+    assert main(["train", str(out.best_config), "--local"]) == 0
+    # The best trial's checkpoint opens with raygpt.load and has the best trial's shape and val loss.
+    gen = raygpt.load(out.best_checkpoint, device="cpu")
+    assert gen.model.config.n_layer == saved.model.n_layer
+    assert isinstance(gen.generate("def ", max_new_tokens=5, seed=0), str)
+    assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def trial_states(exp: Path) -> dict:
+    """trial id -> Tune status, from the experiment state Tune saves as it goes (a resumed experiment
+    starts a new file)."""
+    states = {}
+    for path in sorted(exp.glob("experiment_state-*.json"))[-1:]:
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, OSError):
+            continue  # being rewritten
+        for item in data["trial_data"]:
+            trial = json.loads(item[0])
+            states[trial["trial_id"]] = trial["status"]
+    return states
+
+
+def test_resume_after_the_driver_is_killed_does_not_repeat_finished_trials(ray_cluster, tmp_path):
+    path = tune_yaml(tmp_path, samples=3, experiment="again")
+    exp = tmp_path / "runs" / "tune" / "again"
+    env = {**os.environ, **ENV, "RAY_ADDRESS": ray_cluster["address"]}
+    log = tmp_path / "driver.log"
+    with open(log, "w") as out, subprocess.Popen([sys.executable, str(ROOT / "jobs/tune.py"), str(path)], cwd=tmp_path,
+                                                 env=env, stdout=out, stderr=subprocess.STDOUT,
+                                                 start_new_session=True) as proc:
+        deadline = time.time() + 300
+        while "TERMINATED" not in trial_states(exp).values():
+            assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
+            time.sleep(0.5)
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-experiment, its cluster does not
+    done = {t for t, status in trial_states(exp).items() if status == "TERMINATED"}
+    assert 0 < len(done) < 3
+    before = {t: (exp / f"trial-{t}" / "result.json").read_text() for t in done}
+    assert main(["tune", str(path), "tune.experiment=again", "--resume"]) == 0
+    after = trial_states(exp)
+    assert len(after) == 3 and set(after.values()) == {"TERMINATED"}
+    for t in done:  # the finished trials were not run again: their results are as they were
+        assert (exp / f"trial-{t}" / "result.json").read_text() == before[t]
+    with open(exp / "trials.csv") as f:
+        assert len(f.read().strip().splitlines()) == 1 + 3
