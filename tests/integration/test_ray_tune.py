@@ -16,7 +16,7 @@ import raygpt
 from raygpt.cli import main
 from raygpt.config import load_config
 from raygpt.tune import run_tune
-from raygpt.tune_space import load_tune_config, trial_config
+from raygpt.tune_space import load_tune_config
 from tests.integration.conftest import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
