@@ -90,7 +90,7 @@ def cmd_tune(argv: Sequence[str]) -> int:
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (tune.experiment, else the latest one)")
     p.add_argument("--wandb", action="store_true", help="one W&B run per trial, grouped by experiment")
-    a = p.parse_args(argv)
+    a = p.parse_intermixed_args(argv)  # options may come between or after the key=value overrides
     path, overrides = split_config_args(a.args)
     overrides += [f"tune.samples={a.samples}"] if a.samples is not None else []
     overrides += ["logging.wandb=true"] if a.wandb else []

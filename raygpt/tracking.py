@@ -48,7 +48,8 @@ class WandbLogger:
         directory.mkdir(parents=True, exist_ok=True)
         kwargs = dict(project=cfg.logging.wandb_project, name=cfg.logging.wandb_run_name or cfg.train.run_name,
                       id=wandb_run_id(cfg.train.run_name), resume="allow", group=cfg.logging.wandb_group,
-                      config=cfg.to_dict(), dir=str(directory))
+                      config=cfg.to_dict(), dir=str(directory),
+                      reinit="create_new")  # a Tune driver keeps one run per running trial
         mode = wandb_mode(cfg)
         try:
             self.run = wandb.init(mode=mode, settings=wandb.Settings(init_timeout=60, silent=True), **kwargs)
@@ -72,8 +73,10 @@ class WandbLogger:
         # A W&B table is fixed once logged: log the whole table again, one row more.
         self.run.log({"samples": self._wandb.Table(columns=["step", "sample"], data=list(self._samples))}, step=step)
 
-    def finish(self) -> None:
+    def finish(self, teardown: bool = True) -> None:
         self.run.finish()
         # finish() can return before W&B's service has written the run's .wandb file (it buffers it to the
-        # end): tearing the service down waits for that, so the offline run is whole once we return.
-        self._wandb.teardown()
+        # end): tearing the service down waits for that, so the offline run is whole once we return. A
+        # process with other runs still open passes teardown=False and tears down after the last one.
+        if teardown:
+            self._wandb.teardown()

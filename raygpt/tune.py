@@ -98,6 +98,51 @@ class TrialLine(ray.tune.Callback):
         self._line(trial, "failed")
 
 
+# What Tune adds to every result; the rest of a result is what the trial's rank 0 reported.
+TUNE_KEYS = {"timestamp", "done", "training_iteration", "trial_id", "date", "time_this_iter_s", "time_total_s",
+             "pid", "hostname", "node_ip", "time_since_restore", "iterations_since_restore", "checkpoint_dir_name",
+             "checkpoint_path"}
+
+
+class WandbTrials(ray.tune.Callback):
+    """W&B for an experiment (logging.wandb): one run per trial, its id the trial id, grouped under the
+    experiment, with the trial's whole training config and every eval it reported. Logged here in the
+    driver, not by the trial's rank 0: ASHA stops a trial by killing its actors, which would leave a W&B
+    run cut off unwritten."""
+
+    def __init__(self, base: Config, settings: TuneSettings, group: str, runs_dir: Path):
+        self.base, self.settings, self.group, self.runs_dir, self.runs = base, settings, group, runs_dir, {}
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if trial.trial_id not in self.runs:
+            from raygpt.tracking import WandbLogger
+
+            cfg = trial_config(self.base, self.settings, trial.config)
+            cfg.train.run_name, cfg.train.out_dir = trial.trial_id, str(self.runs_dir)
+            cfg.logging.wandb_group = cfg.logging.wandb_group or self.group
+            self.runs[trial.trial_id] = WandbLogger(cfg, self.runs_dir / trial.trial_id, print_fn=lambda s: None)
+        self.runs[trial.trial_id].log({k: v for k, v in result.items()
+                                       if k not in TUNE_KEYS and not k.startswith("config/")})
+
+    def _end(self, trial) -> None:
+        run = self.runs.pop(trial.trial_id, None)
+        if run is not None:
+            run.finish(teardown=False)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        self._end(trial)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._end(trial)
+
+    def on_experiment_end(self, trials, **info):
+        for trial in trials:
+            self._end(trial)
+        import wandb
+
+        wandb.teardown()  # every run's files written before the command returns
+
+
 def say(line: str) -> None:
     """print, by a name that pickles (Tune pickles its callbacks, and builtins.print may be patched)."""
     print(line, flush=True)
@@ -114,15 +159,14 @@ def _domains(settings: TuneSettings) -> dict:
     return {key: make[kind](args) for key, (kind, args) in settings.space.items()}
 
 
-def run_trial(params: dict, base: dict, settings: dict, runs_dir: str, group: str) -> None:
+def run_trial(params: dict, base: dict, settings: dict, runs_dir: str) -> None:
     """One trial, in a Tune trial actor: the base config with the drawn params, trained with a TorchTrainer
     whose reports reach Tune. A trial that Tune restarts (--resume) continues from its own checkpoints."""
     s = TuneSettings(**settings)
     cfg = trial_config(config_from_dict(base), s, params)
     cfg.train.out_dir, cfg.ray.storage_path = runs_dir, None
     cfg.train.run_name = ray.tune.get_context().get_trial_id()
-    if cfg.logging.wandb:
-        cfg.logging.wandb_group = cfg.logging.wandb_group or group
+    cfg.logging.wandb = False  # W&B is logged by the driver (WandbTrials), which outlives stopped trials
     train(cfg, print_fn=lambda s: None, callbacks=[EvalReportCallback()])
 
 
@@ -180,10 +224,13 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
     if not resume:
         print_fn(f"tune: interrupted? the same command with --resume tune.experiment={name} continues it")
     trainable = ray.tune.with_parameters(run_trial, base=trials.to_dict(), settings=dataclasses.asdict(settings),
-                                         runs_dir=str(exp_dir / "runs"), group=name)
+                                         runs_dir=str(exp_dir / "runs"))
     # The trial function only drives its TorchTrainer, whose workers hold the CPUs: it holds none. (Tune
     # refuses an empty request, so it asks for a token amount of memory instead.)
     trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
+    callbacks = [TrialLine(settings.samples, base.train.max_steps, print_fn)]
+    if base.logging.wandb:
+        callbacks.append(WandbTrials(trials, settings, name, exp_dir / "runs"))
     if resume:
         tuner = ray.tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -197,7 +244,7 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
                 scheduler=ASHAScheduler(time_attr="step", max_t=base.train.max_steps, grace_period=grace,
                                         reduction_factor=settings.reduction_factor)),
             run_config=ray.tune.RunConfig(name=name, storage_path=str(exp_dir.parent), verbose=0,
-                                          callbacks=[TrialLine(settings.samples, base.train.max_steps, print_fn)]))
+                                          callbacks=callbacks))
     results = tuner.fit()
     from raygpt.tune_report import summarize  # matplotlib and the table: after the trials
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from pathlib import Path
 
 from raygpt.config import Config, ConfigError
@@ -21,8 +22,7 @@ def _rows(results, max_steps: int) -> list[TrialRow]:
         ckpts = [m["checkpoint_path"] for m in records if isinstance(m.get("checkpoint_path"), str)]
         steps = max((int(m["step"]) for m in records if isinstance(m.get("step"), (int, float)) and not math.isnan(m["step"])), default=0)
         if r.error is not None:
-            first = next((s for s in str(r.error).splitlines() if s.strip()), type(r.error).__name__)
-            stopped = f"error: {first.strip()[:200]}"
+            stopped = f"error: {error_line(r.error)}"
         elif steps >= max_steps:
             stopped = "finished"
         else:
@@ -33,6 +33,19 @@ def _rows(results, max_steps: int) -> list[TrialRow]:
                              time_s=max((float(m.get("time_total_s") or 0) for m in records), default=0.0),
                              stopped=stopped, checkpoint=ckpts[-1] if ckpts else None, curve=curve))
     return sorted(rows, key=lambda row: (row.val_loss is None, row.val_loss or 0.0))
+
+
+def error_line(error: BaseException) -> str:
+    """The line of a trial's error that says what went wrong: Ray wraps the worker's exception in its own
+    tracebacks, so take the last `SomeError: message` line, else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)]
+    if not said:
+        return (lines[0] if lines else type(error).__name__)[:300]
+    line = lines[said[-1]]
+    if line.endswith(":") and said[-1] + 1 < len(lines):  # "...worker errors:" says what on the next line
+        line += " " + lines[said[-1] + 1]
+    return line[:300]
 
 
 def _format(value) -> str:

@@ -67,7 +67,7 @@ def wandb_records(folder):
                 elif what == "config":
                     item = {i.key: json.loads(i.value_json) for i in record.config.update}
                 elif what == "run":  # the run's start: its id, project and the config given to wandb.init
-                    item = {"run_id": record.run.run_id, "project": record.run.project,
+                    item = {"run_id": record.run.run_id, "project": record.run.project, "group": record.run.run_group,
                             "config": {i.key: json.loads(i.value_json) for i in record.run.config.update}}
                 else:
                     continue

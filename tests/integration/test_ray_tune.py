@@ -17,6 +17,7 @@ from raygpt.cli import main
 from raygpt.config import load_config
 from raygpt.tune import run_tune
 from raygpt.tune_space import load_tune_config
+from tests.conftest import wandb_records
 from tests.integration.conftest import ENV
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +43,8 @@ def tune_yaml(tmp_path, **tune) -> Path:
 
 
 def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluster, tmp_path):
-    base, settings = load_tune_config(tune_yaml(tmp_path, experiment="exp"))
+    base, settings = load_tune_config(tune_yaml(tmp_path, experiment="exp"),
+                                      ["logging.wandb=true", "logging.wandb_mode=offline"])
     lines = []
     out = run_tune(base, settings, print_fn=lines.append)
     exp = tmp_path / "runs" / "tune" / "exp"
@@ -73,6 +75,23 @@ def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluste
     assert gen.model.config.n_layer == saved.model.n_layer
     assert isinstance(gen.generate("def ", max_new_tokens=5, seed=0), str)
     assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # W&B: one run per trial (its id is the trial id), grouped under the experiment.
+    for row in out.rows:
+        runs = [r["data"] for r in wandb_records(exp / "runs" / row.trial) if r["kind"] == "run"]
+        assert runs and {(r["run_id"], r["group"]) for r in runs} == {(row.trial, "exp")}
+
+
+def test_bad_trial_resources_and_failing_trials_end_in_one_clear_line(ray_cluster, tmp_path, capsys):
+    path = tune_yaml(tmp_path, samples=2)
+    assert main(["tune", str(path), "tune.experiment=big", "ray.cpus_per_worker=4"]) == 2
+    err = capsys.readouterr().err
+    assert "one trial needs more than the cluster has" in err and "needs 4 CPUs but the cluster has 2" in err
+    assert err.count("\n") == 1 and not (tmp_path / "runs" / "tune" / "big").exists()  # no trial started
+    # Every trial fails (its worker exits hard at step 3): a summary with the first error, no traceback.
+    assert main(["tune", str(path), "tune.experiment=fails", "ray.fail_at_step=3"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]  # (Ray's own logs of the dying workers come before it)
+    assert last.startswith("raygpt tune: error: all 2 trials failed; the first error: ray.train.WorkerGroupError"), last
 
 
 def trial_states(exp: Path) -> dict:

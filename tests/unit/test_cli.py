@@ -68,3 +68,13 @@ def test_wandb_logs_config_metrics_and_samples_offline_without_secrets(tmp_path,
     for f in (tmp_path / "wb").rglob("*"):  # the key is in no log, config, W&B file or checkpoint
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_tune_refuses_bad_input_before_ray_is_even_imported():
+    code = ("import sys; from raygpt.cli import main; rc = main(sys.argv[1:]); "
+            "print('ray imported' if 'ray' in sys.modules else 'no ray'); sys.exit(rc)")
+    for args, message in ((["--samples", "0"], "tune.samples (--samples) must be at least 1, got 0"),
+                          (["tune.space={}"], "tune.space is empty")):
+        out = subprocess.run([sys.executable, "-c", code, "tune", *args], capture_output=True, text=True)
+        assert out.returncode == 2 and out.stdout.strip() == "no ray", out.stdout + out.stderr
+        assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
