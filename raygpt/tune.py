@@ -2,7 +2,7 @@
 proposes, ASHA stops weak trials early on val loss.
 
 Each trial is a Tune function that builds a TorchTrainer through raygpt.distributed.train, exactly the path
-`jobs/train.py` takes, with Tune's TuneReportCallback passing every report on to Tune. Trials share the
+`jobs/train.py` takes, with Tune's TuneReportCallback passing its eval reports on to Tune. Trials share the
 prepared shards (prepared once, before the first trial). Results land in train.out_dir/tune/EXPERIMENT:
 trials.csv, best.yaml (a training config `jobs/train.py` accepts as is), curves.png, and the trials' runs
 and checkpoints under runs/.
@@ -64,6 +64,8 @@ def _absolute(cfg: Config) -> Config:
     cfg.data.prepared_dir = str(Path(cfg.data.prepared_dir).resolve())
     if "://" not in cfg.data.source and Path(cfg.data.source).exists():
         cfg.data.source = str(Path(cfg.data.source).resolve())
+    if cfg.data.tokenizer_path and "://" not in cfg.data.tokenizer_path:
+        cfg.data.tokenizer_path = str(Path(cfg.data.tokenizer_path).resolve())
     return cfg
 
 

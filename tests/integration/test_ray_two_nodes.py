@@ -52,11 +52,14 @@ def test_workers_on_two_nodes_then_losing_one_fails_cleanly(second_node, tmp_pat
     # 2 CPUs per worker and 2 CPUs per node: one worker on each node.
     over = ["ray.num_workers=2", "ray.cpus_per_worker=2", "ray.threads_per_worker=1", "train.max_steps=20",
             "train.checkpoint_interval=20", "train.eval_interval=20"]
+    def train_workers():
+        return list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=10000)
+
+    earlier = {a.actor_id for a in train_workers()}  # other tests' workers, on this session's cluster
     result = train(tiny(tmp_path, *over, "train.run_name=spread"), print_fn=lambda s: None)
     assert result.error is None and result.metrics["step"] == 20
-    workers = list_actors(filters=[("class_name", "=", "RayTrainWorker")], detail=True, limit=1000)
-    nodes = {a.node_id for a in workers if a.state == "DEAD"}  # this run's workers have exited by now
-    assert len(nodes) == 2, nodes
+    mine = [a for a in train_workers() if a.actor_id not in earlier]
+    assert len(mine) == 2 and len({a.node_id for a in mine}) == 2, mine  # one worker on each node
 
     # Now a long run, and the second node goes away under it.
     outcome = {}
