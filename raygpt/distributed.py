@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -181,6 +183,11 @@ def _die_mid_upload(saved: Path, dest: Path) -> None:
 def train_func(config: dict) -> None:
     """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train."""
     clock = dict(config.get("clock") or {}, worker=time.time())  # bench loops may pass none
+    # Ray Train logs every report at INFO on each worker ("Reporting training result N: ..."), from a
+    # logger named by its file path, which RunConfig's log level misses; rank 0's progress line says it once.
+    context_module = sys.modules.get("ray.train.v2._internal.execution.context")
+    if context_module is not None:
+        logging.getLogger(context_module.__file__).setLevel(logging.WARNING)
     cfg = config_from_dict(config["cfg"])
     tokenizer = prepared_tokenizer(config["prepared"])
     ctx = ray.train.get_context()
