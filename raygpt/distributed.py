@@ -209,9 +209,12 @@ def train_func(config: dict) -> None:
     if cfg.ray.fail_at_step is not None:
         train_batches = _with_fault(cfg, config["run_path"], rank, train_batches, t.state)
     val = _val_batches(cfg, config["val_tokens"])
+    # What rank 0 prints: its progress and samples, unless the run is a Tune trial (the driver prints one
+    # line per trial there, and lines from trials running side by side would interleave).
+    say = (lambda s: None) if config.get("quiet") else (lambda s: print(s, flush=True))
     if rank == 0:
-        print(f"train: {world} worker(s) on {device} {t.precision}"
-              + (f", resuming at step {t.state.step}" if resume is not None else ""), flush=True)
+        say(f"train: {world} worker(s) on {device} {t.precision}"
+            + (f", resuming at step {t.state.step}" if resume is not None else ""))
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
 
@@ -221,12 +224,12 @@ def train_func(config: dict) -> None:
         if rank == 0:
             if "first_step" not in clock and "start" in clock:
                 clock["first_step"] = time.time()
-                print(format_startup(clock), flush=True)
-            print(format_progress(metrics, cfg.train.max_steps), flush=True)
+                say(format_startup(clock))
+            say(format_progress(metrics, cfg.train.max_steps))
             if tracker:
                 tracker.log(metrics)
             if "val_loss" in metrics:
-                report_sample(model, tokenizer, cfg, t.precision, state.step, lambda s: print(s, flush=True), tracker)
+                report_sample(model, tokenizer, cfg, t.precision, state.step, say, tracker)
         if not checkpoint or rank != 0:
             ray.train.report(metrics)
             return
@@ -296,12 +299,13 @@ def check_resources(cfg: Config, use_gpu: bool) -> None:
                           f"{have.get('GPU', 0):g}; lower ray.num_workers or set ray.use_gpu=false")
 
 
-def train(cfg: Config, print_fn=print, loop=train_func, callbacks=()):
+def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: bool = False):
     """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result.
 
     A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
     ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches);
-    ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback)."""
+    ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback); ``quiet`` keeps rank 0
+    from printing progress lines and samples."""
     # Wall-clock marks for the start-up line rank 0 prints at step 1, from when raygpt was first imported.
     clock = {"process": raygpt.IMPORTED_AT, "start": time.time()}
     connect()
@@ -351,7 +355,8 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=()):
                                               "train_units": train_units, "val_tokens": val_tokens,
                                               # the run's folder when storage is local (None for a URI)
                                               "run_path": None if "://" in storage else
-                                              str(Path(storage) / cfg.train.run_name), "clock": clock},
+                                              str(Path(storage) / cfg.train.run_name), "clock": clock,
+                                              "quiet": quiet},
                            dataset_config=UnitShards(cfg, train_units, start_tokens))
     return trainer.fit()
 

@@ -169,7 +169,7 @@ def run_trial(params: dict, base: dict, settings: dict, runs_dir: str) -> None:
     cfg.train.out_dir, cfg.ray.storage_path = runs_dir, None
     cfg.train.run_name = ray.tune.get_context().get_trial_id()
     cfg.logging.wandb = False  # W&B is logged by the driver (WandbTrials), which outlives stopped trials
-    train(cfg, print_fn=lambda s: None, callbacks=[EvalReportCallback()])
+    train(cfg, print_fn=lambda s: None, callbacks=[EvalReportCallback()], quiet=True)
 
 
 def _experiment(base: Config, settings: TuneSettings, resume: bool) -> tuple[str, Path]:
