@@ -45,6 +45,12 @@ def tune_yaml(tmp_path, **tune) -> Path:
 def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluster, tmp_path):
     base, settings = load_tune_config(tune_yaml(tmp_path, experiment="exp"),
                                       ["logging.wandb=true", "logging.wandb_mode=offline"])
+    from ray.util.state import list_actors
+
+    def trial_actors():  # a function trial runs in an ImplicitFunc actor
+        return {a.actor_id for a in list_actors(filters=[("class_name", "=", "ImplicitFunc")], limit=10000)}
+
+    earlier = trial_actors()
     lines = []
     out = run_tune(base, settings, print_fn=lines.append)
     exp = tmp_path / "runs" / "tune" / "exp"
@@ -75,6 +81,8 @@ def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluste
     assert gen.model.config.n_layer == saved.model.n_layer
     assert isinstance(gen.generate("def ", max_new_tokens=5, seed=0), str)
     assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # The trials were Ray actors the dashboard lists (its Actors view reads this state API), one per trial.
+    assert len(trial_actors() - earlier) == 5
     # W&B: one run per trial (its id is the trial id), grouped under the experiment.
     for row in out.rows:
         runs = [r["data"] for r in wandb_records(exp / "runs" / row.trial) if r["kind"] == "run"]
