@@ -49,15 +49,14 @@ def cmd_train(argv: Sequence[str]) -> int:
         import ray.train
 
         from raygpt.distributed import train  # imports Ray: only on this path
-        from raygpt.runs import name_run
+        from raygpt.runs import error_line, name_run
 
         name_run(cfg)  # named here, so a failure can say which run to resume
         try:
             result = train(cfg)
         except ray.train.TrainingFailedError as e:
             # Ray's error says what died; say what it means for the run and how to go on.
-            first = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
-            print(f"raygpt train: the run {cfg.train.run_name!r} failed: {first.strip()} (ray.max_failures="
+            print(f"raygpt train: the run {cfg.train.run_name!r} failed: {error_line(e)} (ray.max_failures="
                   f"{cfg.ray.max_failures} restarts allowed). Its checkpoints are kept; the same command "
                   f"resumes from the newest. Details above.", file=sys.stderr)
             return 1

@@ -170,21 +170,25 @@ class Config:
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Defaults, then the YAML file at ``path`` (partial), then ``key=value`` overrides; validated."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist; pass a YAML file such as configs/default.yaml")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    data = read_yaml(path, "config file", "configs/default.yaml") if path is not None else {}
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
     return config_from_dict(data)
+
+
+def read_yaml(path: str | Path, what: str, example: str) -> dict:
+    """The mapping of sections in the YAML file at ``path``; errors name ``what`` it is and an ``example``."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {str(path)!r} does not exist; pass a YAML file such as {example}")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {str(path)!r} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what} {str(path)!r} must hold a mapping of sections, not {type(data).__name__}")
+    return data
 
 
 def parse_override(item: str) -> tuple[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -190,6 +191,19 @@ def report_sample(model: nn.Module, tokenizer: Tokenizer, cfg: Config, precision
     print_fn(f"--- sample at step {step} ---\n{text}\n---")
     if tracker:
         tracker.sample(step, text)
+
+
+def error_line(error: BaseException) -> str:
+    """The line of a failed run's error that says what went wrong: Ray wraps the worker's exception in its
+    own tracebacks, so take the last `SomeError: message` line, else the first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)]
+    if not said:
+        return (lines[0] if lines else type(error).__name__)[:300]
+    line = lines[said[-1]]
+    if line.endswith(":") and said[-1] + 1 < len(lines):  # "...worker errors:" says what on the next line
+        line += " " + lines[said[-1] + 1]
+    return line[:300]
 
 
 def _hms(seconds: float) -> str:

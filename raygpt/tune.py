@@ -88,7 +88,7 @@ class TrialLine(ray.tune.Callback):
     def _line(self, trial, how: str) -> None:
         self.done += 1
         r = trial.last_result or {}
-        params = ", ".join(f"{k}={_short(v)}" for k, v in (trial.config or {}).items())
+        params = ", ".join(f"{k}={format_value(v)}" for k, v in (trial.config or {}).items())
         loss = f"val {r[METRIC]:.4f} at step {r.get('step')}" if METRIC in r else "no val loss"
         self.print_fn(f"tune: trial {trial.trial_id} ({self.done}/{self.samples}) {how}: {loss} | {params}")
 
@@ -150,8 +150,11 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def _short(value) -> str:
-    return f"{value:.3g}" if isinstance(value, float) else str(value)
+def format_value(value) -> str:
+    """A sampled value for a line or a table: 4 significant digits, or 3 for the very small and large."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
 
 
 def _domains(settings: TuneSettings) -> dict:

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import csv
 import math
-import re
 from pathlib import Path
 
 from raygpt.config import Config, ConfigError
-from raygpt.tune import METRIC, TrialRow, TuneOutcome
+from raygpt.runs import error_line
+from raygpt.tune import METRIC, TrialRow, TuneOutcome, format_value
 from raygpt.tune_space import TuneSettings, trial_config
 
 
@@ -35,32 +35,13 @@ def _rows(results, max_steps: int) -> list[TrialRow]:
     return sorted(rows, key=lambda row: (row.val_loss is None, row.val_loss or 0.0))
 
 
-def error_line(error: BaseException) -> str:
-    """The line of a trial's error that says what went wrong: Ray wraps the worker's exception in its own
-    tracebacks, so take the last `SomeError: message` line, else the first line."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    said = [i for i, line in enumerate(lines) if re.match(r"^[\w.]*(Error|Exception|Exit)\b.*:", line)]
-    if not said:
-        return (lines[0] if lines else type(error).__name__)[:300]
-    line = lines[said[-1]]
-    if line.endswith(":") and said[-1] + 1 < len(lines):  # "...worker errors:" says what on the next line
-        line += " " + lines[said[-1] + 1]
-    return line[:300]
-
-
-def _format(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
-
-
 def write_table(rows: list[TrialRow], keys: list[str], path: Path, print_fn) -> None:
     head = ["trial", *keys, "val_loss", "steps", "time_s", "stopped", "checkpoint"]
     table = [[row.trial, *(row.params.get(k) for k in keys), row.val_loss, row.steps, round(row.time_s, 1),
               row.stopped, row.checkpoint or ""] for row in rows]
     with open(path, "w", newline="") as f:
         csv.writer(f).writerows([head, *table])
-    shown = [[_format(v) if v is not None else "-" for v in line[:-1]] for line in table]  # no checkpoint column
+    shown = [[format_value(v) if v is not None else "-" for v in line[:-1]] for line in table]  # no checkpoint column
     widths = [max(len(h), *(len(line[i]) for line in shown)) for i, h in enumerate(head[:-1])]
     print_fn("  ".join(h.ljust(w) for h, w in zip(head, widths)))
     for line in shown:
@@ -112,7 +93,7 @@ def summarize(results, base: Config, settings: TuneSettings, exp_dir: Path, prin
     figure = plot(rows, exp_dir / "curves.png")
     steps_run = sum(row.steps for row in rows)
     print_fn(f"\ntune: best trial {best.trial}: val loss {best.val_loss:.4f} at step {best.steps} with "
-             + ", ".join(f"{k}={_format(v)}" for k, v in best.params.items()))
+             + ", ".join(f"{k}={format_value(v)}" for k, v in best.params.items()))
     print_fn(f"tune: steps run {steps_run:,} of {len(rows) * base.train.max_steps:,} possible "
              f"({100 * (1 - steps_run / max(1, len(rows) * base.train.max_steps)):.0f}% saved by early stopping)")
     print_fn(f"table:      {exp_dir / 'trials.csv'}\nbest config: {best_yaml}   (python jobs/train.py {best_yaml})\n"

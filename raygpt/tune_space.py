@@ -27,9 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
-
-from raygpt.config import Config, ConfigError, _set_dotted, config_from_dict, parse_override
+from raygpt.config import Config, ConfigError, _set_dotted, config_from_dict, parse_override, read_yaml
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
 # Keys of the space that are not training keys: they set training keys when a trial is built.
@@ -57,14 +55,9 @@ def load_tune_config(path: str | Path | None, overrides: list[str] | tuple[str, 
     """The base training config (defaults < YAML < overrides) and the checked tune settings. ``tune.X=V``
     overrides set tune settings; any other ``key=value`` sets a training key for every trial."""
     path = Path(path) if path is not None else DEFAULT_PATH
-    if not path.is_file():
-        raise ConfigError(f"tune config {str(path)!r} does not exist; pass one such as configs/tune/default.yaml")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"tune config {str(path)!r} is not valid YAML: {e}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("tune", {}), dict):
-        raise ConfigError(f"tune config {str(path)!r} must be a mapping of sections with a `tune:` mapping")
+    data = read_yaml(path, "tune config", "configs/tune/default.yaml")
+    if not isinstance(data.get("tune", {}), dict):
+        raise ConfigError(f"tune config {str(path)!r}: `tune:` must be a mapping of tune settings")
     tune = dict(data.pop("tune", None) or {})
     for item in overrides:
         key, value = parse_override(item)
