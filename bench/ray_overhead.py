@@ -10,8 +10,9 @@ Both sides are `python jobs/train.py` on the embedded corpus with the same model
 
 Each pair runs twice: with 2 intra-op threads (every core of a 2-core machine) and with 1 (a core left
 for Ray's own processes). The runs alternate core/ray/core/ray so the machine's drift hits both sides.
-During each Ray run it also counts the CPU time that processes other than the training worker took
-(raylet, GCS, dashboard, Ray Train's controller actors, the driver): that is what the workers compete
+During each run it also counts, over the steady part, the CPU time that processes other than the training
+process took (raylet, GCS, dashboard, Ray Train's controller actors, the driver) and how often any thread on
+the machine woke up (voluntary context switches, a wake-up each): that is what the step's threads compete
 with. Prints figures; asserts nothing.
 """
 
@@ -47,8 +48,20 @@ def cpu_ticks() -> dict[int, tuple[str, int]]:
     return out
 
 
-def run(mode: str, threads: int, steps: int, out: Path, repeat: int) -> tuple[float, float]:
-    """One training run; returns (median ms/step after step 50, share of the cores other processes took)."""
+def wakeups() -> int:
+    """Voluntary context switches so far, summed over every thread of every process on the machine."""
+    total = 0
+    for status in Path("/proc").glob("[0-9]*/task/*/status"):
+        try:
+            total += int(re.search(r"^voluntary_ctxt_switches:\s+(\d+)", status.read_text(), re.M)[1])
+        except (OSError, TypeError):
+            continue  # the thread ended while we looked
+    return total
+
+
+def run(mode: str, threads: int, steps: int, out: Path, repeat: int) -> tuple[float, float, float]:
+    """One training run; returns (median ms/step after step 50, share of the cores other processes took,
+    wake-ups per second on the whole machine), the last two between the first and last progress line."""
     name = f"{mode}-t{threads}-{repeat}"  # a new run each time (the same name would resume the finished one)
     cmd = [sys.executable, str(ROOT / "jobs/train.py"), *MODEL, f"train.max_steps={steps}",
            f"train.eval_interval={steps}", f"train.out_dir={out}", f"train.run_name={name}",
@@ -64,16 +77,14 @@ def run(mode: str, threads: int, steps: int, out: Path, repeat: int) -> tuple[fl
             m = re.search(r"step\s+(\d+)/\d+ .*?([\d.]+) ms/step", line)
             if m and int(m[1]) > 50:
                 times.append(float(m[2]))
-                if mode == "ray":  # CPU used by every process but the training worker, between log lines
-                    marks.append((os.times().elapsed, cpu_ticks()))
+                if not marks or f"/{steps} " in line:  # the first and the last progress line
+                    marks.append((os.times().elapsed, cpu_ticks(), wakeups()))
     if proc.returncode:
         sys.exit("".join(lines[-30:]) + f"\n{name} failed (exit {proc.returncode})")
-    other = 0.0
-    if len(marks) >= 2:
-        (t0, a), (t1, b) = marks[0], marks[-1]
-        used = sorted(((ticks - a.get(pid, ("", 0))[1], pid) for pid, (_, ticks) in b.items()), reverse=True)
-        other = sum(u for u, _ in used[1:]) / TICK / (t1 - t0) / (os.cpu_count() or 1)  # all but the busiest
-    return statistics.median(times), other
+    (t0, a, w0), (t1, b, w1) = marks[0], marks[-1]
+    used = sorted(((ticks - a.get(pid, ("", 0))[1], pid) for pid, (_, ticks) in b.items()), reverse=True)
+    other = sum(u for u, _ in used[1:]) / TICK / (t1 - t0) / (os.cpu_count() or 1)  # all but the busiest
+    return statistics.median(times), other, (w1 - w0) / (t1 - t0)
 
 
 def main() -> None:
@@ -86,19 +97,21 @@ def main() -> None:
         for threads in (2, 1):
             for repeat in range(args.repeats):
                 for mode in ("core", "ray"):
-                    ms, other = run(mode, threads, args.steps, Path(tmp), repeat)
-                    print(f"{mode:<5} threads={threads}: {ms:.1f} ms/step"
-                          + (f", other Ray processes {100 * other:.1f}% of the cores" if mode == "ray" else ""),
-                          flush=True)
-                    rows.append((threads, mode, ms, other))
+                    ms, other, wake = run(mode, threads, args.steps, Path(tmp), repeat)
+                    print(f"{mode:<5} threads={threads}: {ms:.1f} ms/step, other processes {100 * other:.1f}% of "
+                          f"the cores, {wake:.0f} wake-ups/s", flush=True)
+                    rows.append((threads, mode, ms, other, wake))
     print(f"\nRay overhead per step: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
           f"4L/4H/128, block 64, batch 12, fp32, {args.steps} steps, median of steps after 50")
-    print(f"{'threads':>7}{'core ms/step':>14}{'ray ms/step':>13}{'ray/core':>10}{'other Ray processes':>22}")
+    print(f"{'threads':>7}{'core ms/step':>14}{'ray ms/step':>13}{'ray/core':>10}{'other CPU core/ray':>20}"
+          f"{'wake-ups/s core/ray':>21}")
     for threads in (2, 1):
-        core = statistics.median(ms for t, m, ms, _ in rows if t == threads and m == "core")
-        ray = statistics.median(ms for t, m, ms, _ in rows if t == threads and m == "ray")
-        other = statistics.mean(o for t, m, _, o in rows if t == threads and m == "ray")
-        print(f"{threads:>7}{core:>14.1f}{ray:>13.1f}{ray / core:>10.3f}{100 * other:>21.1f}%")
+        def median(mode: str, col: int) -> float:
+            return statistics.median(r[col] for r in rows if r[0] == threads and r[1] == mode)
+        core, ray = median("core", 2), median("ray", 2)
+        other = f"{100 * median('core', 3):.1f}% / {100 * median('ray', 3):.1f}%"
+        wake = f"{median('core', 4):.0f} / {median('ray', 4):.0f}"
+        print(f"{threads:>7}{core:>14.1f}{ray:>13.1f}{ray / core:>10.3f}{other:>20}{wake:>21}")
 
 
 if __name__ == "__main__":
