@@ -285,6 +285,11 @@ def resolve_cpus(cfg: Config) -> Config:
     return cfg
 
 
+def wants_gpu(cfg: Config) -> bool:
+    """ray.use_gpu, or when unset (auto): whether the cluster has GPUs."""
+    return cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+
+
 def check_resources(cfg: Config, use_gpu: bool) -> None:
     """Fail now, in one line, when the workers cannot be placed (Ray would wait forever)."""
     r = cfg.ray
@@ -315,7 +320,7 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     manifest = load_manifest(prepared)
     tokenizer = prepared_tokenizer(prepared)
     cfg = with_vocab(cfg, tokenizer)
-    use_gpu = cfg.ray.use_gpu if cfg.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = wants_gpu(cfg)
     cfg = resolve_cpus(cfg)
     check_resources(cfg, use_gpu)
     name_run(cfg)

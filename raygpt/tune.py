@@ -14,9 +14,7 @@ import copy
 import dataclasses
 import datetime
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
 # Trials keep the driver's working directory (the run paths below are absolute anyway).
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
@@ -29,33 +27,10 @@ from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from raygpt.config import Config, ConfigError, config_from_dict  # noqa: E402
 from raygpt.data.pipeline import prepare, prepared_tokenizer  # noqa: E402
-from raygpt.distributed import check_resources, connect, train  # noqa: E402
+from raygpt.distributed import check_resources, connect, train, wants_gpu  # noqa: E402
 from raygpt.runs import with_vocab  # noqa: E402
+from raygpt.tune_report import METRIC, TrialRow, TuneOutcome, ending, format_value, summarize  # noqa: E402
 from raygpt.tune_space import TuneSettings, trial_config  # noqa: E402
-
-METRIC = "val_loss"
-
-
-@dataclass
-class TrialRow:
-    """One line of the results table."""
-    trial: str
-    params: dict
-    val_loss: Optional[float]  # the last val loss the trial reported (what ASHA and Optuna compared)
-    steps: int
-    time_s: float
-    stopped: str  # finished | stopped early by ASHA at step N | error: ...
-    checkpoint: Optional[str]
-    curve: list  # [(step, val_loss)]
-
-
-@dataclass
-class TuneOutcome:
-    experiment_dir: Path
-    rows: list  # TrialRow, best first
-    best_config: Optional[Path]
-    best_checkpoint: Optional[str]
-    plot: Optional[Path]
 
 
 def _absolute(cfg: Config) -> Config:
@@ -93,8 +68,7 @@ class TrialLine(ray.tune.Callback):
         self.print_fn(f"tune: trial {trial.trial_id} ({self.done}/{self.samples}) {how}: {loss} | {params}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        r = trial.last_result or {}
-        self._line(trial, "finished" if r.get("step", 0) >= self.max_steps else "stopped early by ASHA")
+        self._line(trial, ending((trial.last_result or {}).get("step", 0), self.max_steps))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self._line(trial, "failed")
@@ -150,13 +124,6 @@ def say(line: str) -> None:
     print(line, flush=True)
 
 
-def format_value(value) -> str:
-    """A sampled value for a line or a table: 4 significant digits, or 3 for the very small and large."""
-    if isinstance(value, float):
-        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
-    return str(value)
-
-
 def _domains(settings: TuneSettings) -> dict:
     make = {"loguniform": lambda a: ray.tune.loguniform(*a), "uniform": lambda a: ray.tune.uniform(*a),
             "randint": lambda a: ray.tune.randint(a[0], a[1] + 1),  # Tune's upper end is exclusive
@@ -198,7 +165,7 @@ def trial_resources(base: Config) -> tuple[Config, int]:
     """The trials' config (1 CPU per worker unless ray.cpus_per_worker says otherwise), checked against the
     cluster, and how many trials fit at once."""
     base = copy.deepcopy(base)
-    use_gpu = base.ray.use_gpu if base.ray.use_gpu is not None else ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = wants_gpu(base)
     if base.ray.cpus_per_worker is None:
         base.ray = dataclasses.replace(base.ray, cpus_per_worker=1.0)
     try:
@@ -251,8 +218,6 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
             run_config=ray.tune.RunConfig(name=name, storage_path=str(exp_dir.parent), verbose=0,
                                           callbacks=callbacks))
     results = tuner.fit()
-    from raygpt.tune_report import summarize  # matplotlib and the table: after the trials
-
     # best.yaml keeps the user's own resources (a trial's 1 CPU per worker is for running several at once)
     return summarize(results, base, settings, exp_dir, print_fn)
 

@@ -1,15 +1,53 @@
-"""After a tune experiment: the table of trials (printed and trials.csv), best.yaml, curves.png."""
+"""After a tune experiment: the table of trials (printed and trials.csv), best.yaml, curves.png. No Ray here:
+it reads the ResultGrid that raygpt.tune hands it."""
 
 from __future__ import annotations
 
 import csv
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 from raygpt.config import Config, ConfigError
 from raygpt.runs import error_line
-from raygpt.tune import METRIC, TrialRow, TuneOutcome, format_value
 from raygpt.tune_space import TuneSettings, trial_config
+
+METRIC = "val_loss"
+
+
+@dataclass
+class TrialRow:
+    """One line of the results table."""
+    trial: str
+    params: dict
+    val_loss: Optional[float]  # the last val loss the trial reported (what ASHA and Optuna compared)
+    steps: int
+    time_s: float
+    stopped: str  # finished | stopped early by ASHA at step N | error: ...
+    checkpoint: Optional[str]
+    curve: list  # [(step, val_loss)]
+
+
+@dataclass
+class TuneOutcome:
+    experiment_dir: Path
+    rows: list  # TrialRow, best first
+    best_config: Optional[Path]
+    best_checkpoint: Optional[str]
+    plot: Optional[Path]
+
+
+def format_value(value) -> str:
+    """A sampled value for a line or a table: 4 significant digits, or 3 for the very small and large."""
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 1e-2 or abs(value) >= 1e4 else f"{value:.4f}".rstrip("0").rstrip(".")
+    return str(value)
+
+
+def ending(steps: int, max_steps: int) -> str:
+    """How a trial that did not fail ended, for its line and the table."""
+    return "finished" if steps >= max_steps else f"stopped early by ASHA at step {steps}"
 
 
 def _rows(results, max_steps: int) -> list[TrialRow]:
@@ -21,12 +59,7 @@ def _rows(results, max_steps: int) -> list[TrialRow]:
                  if m.get(METRIC) is not None and not math.isnan(m[METRIC])]
         ckpts = [m["checkpoint_path"] for m in records if isinstance(m.get("checkpoint_path"), str)]
         steps = max((int(m["step"]) for m in records if isinstance(m.get("step"), (int, float)) and not math.isnan(m["step"])), default=0)
-        if r.error is not None:
-            stopped = f"error: {error_line(r.error)}"
-        elif steps >= max_steps:
-            stopped = "finished"
-        else:
-            stopped = f"stopped early by ASHA at step {steps}"
+        stopped = f"error: {error_line(r.error)}" if r.error is not None else ending(steps, max_steps)
         trial = (r.metrics or {}).get("trial_id") or (records[-1].get("trial_id") if records else None)
         rows.append(TrialRow(trial=trial or (Path(r.path).name if r.path else "?"), params=dict(r.config or {}),
                              val_loss=curve[-1][1] if curve else None, steps=steps,
