@@ -25,7 +25,8 @@ import ray  # noqa: E402
 import ray.train  # noqa: E402
 
 from raygpt.config import config_from_dict, grad_accum_steps, load_config  # noqa: E402
-from raygpt.distributed import _train_batches, connect, train  # noqa: E402
+from raygpt.cluster import connect_private  # noqa: E402
+from raygpt.distributed import _train_batches, train  # noqa: E402
 
 
 def ingest_only(config: dict) -> None:
@@ -50,7 +51,7 @@ def main(argv: list[str]) -> None:
         i = argv.index("--steps")
         steps = int(argv[i + 1])
         del argv[i:i + 2]
-    connect()
+    connect_private()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for workers in (1, 2):

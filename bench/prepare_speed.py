@@ -21,11 +21,11 @@ import ray  # noqa: E402
 
 from raygpt.config import load_config  # noqa: E402
 from raygpt.data.pipeline import list_sources, load_manifest, prepare  # noqa: E402
-from raygpt.distributed import connect  # noqa: E402
+from raygpt.cluster import connect_private  # noqa: E402
 
 
 def main(argv: list[str]) -> None:
-    connect()
+    connect_private()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         (Path(tmp) / "warmup.txt").write_text("warm up " * 10_000)

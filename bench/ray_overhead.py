@@ -29,6 +29,10 @@ import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from raygpt.cluster import local_cluster_env  # noqa: E402 (no Ray import)
+
 MODEL = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.dropout=0.0",
          "train.batch_size=12", "train.precision=fp32", "train.log_interval=25", "train.checkpoint_interval=100000",
          "sample.num_samples=1", "sample.max_new_tokens=20", "sample.eval_tokens=20"]
@@ -70,7 +74,7 @@ def run(mode: str, threads: int, steps: int, out: Path, repeat: int) -> tuple[fl
         ["ray.num_workers=1", "ray.cpus_per_worker=2", f"ray.threads_per_worker={threads}"]
     times, marks = [], []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
-                          env={**os.environ, "RAY_ADDRESS": ""}) as proc:
+                          env={**os.environ, **local_cluster_env(str(out))}) as proc:
         lines = []
         for line in proc.stdout:
             lines.append(line)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 import raygpt  # noqa: E402
+from raygpt.cluster import local_cluster_env  # noqa: E402
 from raygpt.config import ModelConfig  # noqa: E402
 from raygpt.model import GPT  # noqa: E402
 
@@ -90,7 +91,7 @@ def raygpt_run(path: Path, out: Path) -> tuple[raygpt.generate.TextGenerator, fl
            f"train.seed={SEED}", "ray.num_workers=1", "sample.num_samples=1", "sample.max_new_tokens=100"]
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
-                          env={**os.environ, "RAY_ADDRESS": ""}) as proc:
+                          env={**os.environ, **local_cluster_env(str(out))}) as proc:
         for line in proc.stdout:
             if "ms/step" in line or line.startswith(("train", "prepare", "run ")):
                 print("raygpt:", line.rstrip()[:160], flush=True)

@@ -26,6 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from raygpt.cluster import local_cluster_env  # noqa: E402 (no Ray import)
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +39,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         common = [f"train.out_dir={out}/runs", f"data.prepared_dir={out}/prepared"]
-        env = {**os.environ, "RAY_ADDRESS": ""}
+        env = {**os.environ, **local_cluster_env(tmp)}
         t0 = time.perf_counter()
         tune = subprocess.run([sys.executable, str(ROOT / "jobs/tune.py"), a.config, "--samples", str(a.samples),
                                "tune.experiment=demo", *common], cwd=out, env=env, capture_output=True, text=True)

@@ -2,17 +2,113 @@
 
     raygpt train configs/default.yaml model.n_layer=6 optim.lr=3e-4
     raygpt generate runs/NAME "def main(" --max-new-tokens 100 --temperature 0.8 --top-k 50
+
+Every command answers -h/--help with its arguments and the config keys most worth knowing, without
+importing Ray.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 from typing import Optional, Sequence
 
 from raygpt.checkpoint import CheckpointError
 from raygpt.config import Config, ConfigError, load_config
+
+# The config keys each command's --help shows (defaults come from raygpt/config.py and tune_space.py).
+KEYS = {
+    "data.source": "a named corpus (python-stdlib, tinyshakespeare), a file, a folder, a glob or a URI",
+    "data.tokenizer": "char, bytes or bpe (trained on the corpus to data.bpe_vocab_size)",
+    "data.tokenizer_path": "an existing tokenizer.json (e.g. GPT-2's) instead of training one",
+    "data.text_field": "the field of .jsonl/.json records and .parquet rows that holds the text",
+    "data.on_bad_file": "skip (and list) or fail on files and JSON records that cannot be read",
+    "data.split": "hash: whole documents by a hash of their name; tail: the end of every document",
+    "data.val_fraction": "the share of the data that goes to val",
+    "data.max_chars": "read at most this many characters (quick experiments)",
+    "data.prepared_dir": "where the tokenized shards go",
+    "model.n_layer": "transformer blocks",
+    "model.n_head": "attention heads (model.n_embd must be a multiple)",
+    "model.n_embd": "width",
+    "model.block_size": "context length in tokens",
+    "model.dropout": "dropout probability",
+    "train.max_steps": "optimizer steps",
+    "train.batch_size": "sequences per micro-step per worker",
+    "train.global_batch_size": "sequences per optimizer step over all workers (gradient accumulation derived)",
+    "train.run_name": "none: a new timestamped run; a name with checkpoints resumes it",
+    "train.out_dir": "where runs (and tune experiments) go",
+    "train.eval_interval": "steps between evals (val loss and a sample)",
+    "train.precision": "auto, fp32, bf16 or fp16",
+    "train.device": "auto, cpu, cuda, cuda:N or mps (--local)",
+    "optim.lr": "peak learning rate",
+    "optim.warmup_steps": "linear warmup steps before the cosine decay",
+    "ray.num_workers": "Ray Train workers (0: Ray Train's local mode in the driver)",
+    "ray.cpus_per_worker": "none: the cluster's CPUs shared out over the workers",
+    "ray.use_gpu": "none: use GPUs when the cluster has them",
+    "ray.storage_path": "where checkpoints go: an absolute path or a URI (none: train.out_dir)",
+    "ray.max_failures": "worker-group restarts from the latest checkpoint",
+    "sample.prompt": "the prompt of the samples at every eval and after training",
+    "logging.wandb": "log to Weights & Biases (--wandb)",
+    "tune.seed": "the Optuna sampler's seed",
+    "tune.grace_steps": "steps every trial runs before ASHA may stop it (none: train.eval_interval)",
+    "tune.reduction_factor": "ASHA keeps the best 1/reduction_factor at each rung",
+    "tune.max_concurrent": "trials at once (none: as many as the cluster holds)",
+    "tune.experiment": "none: a new timestamped experiment; a name to --resume",
+}
+DATA_KEYS = [k for k in KEYS if k.startswith("data.")]
+TRAIN_KEYS = ["data.source", "data.tokenizer", *[k for k in KEYS if k.split(".")[0] in ("model", "train", "optim", "ray")],
+              "sample.prompt", "logging.wandb"]
+TUNE_KEYS = [k for k in KEYS if k.startswith("tune.")] + ["data.source", "train.max_steps", "train.out_dir",
+                                                          "ray.num_workers", "ray.cpus_per_worker"]
+
+
+class _Exit(Exception):
+    """An argument parser's end of a command (help shown, or a usage mistake): main() returns its status."""
+
+    def __init__(self, status: int, message: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose usage mistakes are one line, `raygpt CMD: error: ...`, like every other user mistake."""
+
+    def error(self, message: str):
+        raise _Exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+    def exit(self, status: int = 0, message: Optional[str] = None):
+        raise _Exit(status, message)
+
+
+def command_parser(command: str, description: str, keys: Sequence[str] = (),
+                   config: str = "") -> argparse.ArgumentParser:
+    """A command's parser; with ``config`` (what the config file is) it takes ``[CONFIG] [key=value ...]``
+    anywhere among its options, and its --help lists ``keys`` with their defaults."""
+    p = _Parser(prog=f"raygpt {command}", description=description, epilog=keys_help(keys) if keys else None,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
+    if config:
+        p.add_argument("args", nargs="*", metavar="CONFIG key=value",
+                       help=f"{config}, then key=value overrides (defaults < CONFIG < overrides)")
+    return p
+
+
+def keys_help(keys: Sequence[str]) -> str:
+    """The --help lines of config keys: key=default and what it is."""
+    from raygpt.tune_space import TuneSettings
+
+    defaults = {"tune": TuneSettings(), **{f.name: getattr(Config(), f.name) for f in dataclasses.fields(Config)}}
+    lines = []
+    for key in keys:
+        section, name = key.split(".")
+        value = getattr(defaults[section], name)
+        shown = ("none" if value is None else str(value).lower() if isinstance(value, bool)
+                 else repr(value) if isinstance(value, str) and (" " in value or not value) else value)
+        lines.append((f"{key}={shown}", KEYS[key]))
+    width = max(len(k) for k, _ in lines) + 2
+    return ("config keys worth knowing (key=default; all of them: raygpt/config.py):\n"
+            + "\n".join(f"  {k:<{width}}{text}" for k, text in lines))
 
 
 def split_config_args(args: Sequence[str]) -> tuple[Optional[str], list[str]]:
@@ -38,22 +134,30 @@ def print_samples(checkpoint, cfg: Config, print_fn=print) -> None:
 def cmd_train(argv: Sequence[str]) -> int:
     """On Ray (a TorchTrainer over prepared shards) unless --local: this process, no Ray. Ends with
     samples from the last checkpoint and where it is."""
-    local = "--local" in argv
-    path, overrides = split_config_args([a for a in argv if a not in ("--local", "--wandb")])
-    cfg = load_config(path, overrides + (["logging.wandb=true"] if "--wandb" in argv else []))
-    if local:
+    p = command_parser("train", "Train a GPT on Ray (a TorchTrainer over prepared data), or in this process with "
+                       "--local;\nthen print samples and where the checkpoint is.", TRAIN_KEYS,
+                       "a YAML config such as configs/default.yaml")
+    p.add_argument("--local", action="store_true", help="train in this process, without Ray")
+    p.add_argument("--wandb", action="store_true", help="log to Weights & Biases (logging.wandb=true)")
+    a = p.parse_intermixed_args(argv)  # options may come between or after the key=value overrides
+    path, overrides = split_config_args(a.args)
+    cfg = load_config(path, overrides + (["logging.wandb=true"] if a.wandb else []))
+    if a.local:
         from raygpt.local import train_local
 
         checkpoint = train_local(cfg).checkpoint
     else:
         import ray.train
 
-        from raygpt.distributed import train  # imports Ray: only on this path
+        from raygpt.distributed import RunInterrupted, train  # imports Ray: only on this path
         from raygpt.runs import error_line, name_run
 
         name_run(cfg)  # named here, so a failure can say which run to resume
         try:
             result = train(cfg)
+        except RunInterrupted as e:
+            print(f"raygpt train: {e}", file=sys.stderr)
+            return 130  # the shell's code for a command ended by Ctrl-C
         except ray.train.TrainingFailedError as e:
             # Ray's error says what died; say what it means for the run and how to go on.
             print(f"raygpt train: the run {cfg.train.run_name!r} failed: {error_line(e)} (ray.max_failures="
@@ -72,7 +176,9 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 def cmd_prepare(argv: Sequence[str]) -> int:
     """Tokenize cfg.data into Parquet shards with Ray Data; prints the prepared folder."""
-    path, overrides = split_config_args(argv)
+    p = command_parser("prepare", "Tokenize data.source into Parquet shards with Ray Data (reused when the sources\n"
+                       "and settings are the same).", DATA_KEYS, "a YAML config such as configs/default.yaml")
+    path, overrides = split_config_args(p.parse_intermixed_args(argv).args)
     cfg = load_config(path, overrides)
     from raygpt.distributed import run_prepare
 
@@ -82,9 +188,9 @@ def cmd_prepare(argv: Sequence[str]) -> int:
 
 def cmd_tune(argv: Sequence[str]) -> int:
     """Ray Tune + Optuna + ASHA over a tune config's space; prints the table, best config and checkpoint."""
-    p = argparse.ArgumentParser(prog="raygpt tune", description="Search a tune config's space with Ray Tune.")
-    p.add_argument("args", nargs="*", metavar="[TUNE_CONFIG] [key=value]",
-                   help="a tune config (default configs/tune/default.yaml), then overrides")
+    p = command_parser("tune", "Search a tune config's space with Ray Tune, Optuna and ASHA. An override tune.X=V\n"
+                       "sets a tune setting (raygpt/tune_space.py), any other a training key of every trial.",
+                       TUNE_KEYS, "a tune config (default configs/tune/default.yaml)")
     p.add_argument("--samples", type=int, default=None, help="trials in all (tune.samples)")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted experiment (tune.experiment, else the latest one)")
@@ -103,26 +209,29 @@ def cmd_tune(argv: Sequence[str]) -> int:
 
 
 def cmd_generate(argv: Sequence[str]) -> int:
-    p = argparse.ArgumentParser(prog="raygpt generate", description="Generate text from a raygpt checkpoint.")
+    p = command_parser("generate", "Generate text from a raygpt checkpoint.")
     p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("prompt", nargs="?", default="")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("prompt", nargs="?", default="", help="text to continue (default: empty, a new document)")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
+    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+    p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
+    p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p, in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (sample i: seed + i)")
     p.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
-    p.add_argument("--num-samples", type=int, default=1)
-    p.add_argument("--device", default=None)
+    p.add_argument("--num-samples", type=int, default=1, help="samples to print (default 1)")
+    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
     a = p.parse_args(argv)
     from raygpt.generate import load
 
     gen = load(a.checkpoint, device=a.device)
+    kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                  stop=a.stop)
+    # Every argument checked before the first character is printed (the rules TextGenerator.generate uses).
+    gen.check(a.prompt, seed=a.seed, num_samples=a.num_samples, **kwargs,
+              name=lambda key: "PROMPT" if key == "prompt" else "--" + key.replace("_", "-"))
     for i in range(a.num_samples):
-        seed = None if a.seed is None else a.seed + i
-        kwargs = dict(max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                      seed=seed, stop=a.stop)
+        kwargs["seed"] = None if a.seed is None else a.seed + i
         if a.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         sys.stdout.write(a.prompt)
@@ -146,12 +255,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "  prepare [CONFIG] [key=value ...] tokenize data.source into Parquet shards (Ray Data)\n"
               "  train [CONFIG] [key=value ...]   train a GPT on Ray (defaults < CONFIG < overrides);\n"
               "                                   --local trains in this process without Ray; --wandb logs to W&B\n"
-              "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune (see --help)\n"
-              "  generate CHECKPOINT [PROMPT]     sample text (see raygpt generate --help)",
+              "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune\n"
+              "  generate CHECKPOINT [PROMPT]     sample text\n"
+              "raygpt COMMAND --help lists a command's arguments and the config keys worth knowing",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2
     try:
         return COMMANDS[argv[0]](argv[1:])
+    except _Exit as e:  # --help, or a usage mistake
+        if e.message:
+            print(e.message, end="", file=sys.stderr if e.status else sys.stdout)
+        return e.status
     except (ConfigError, CheckpointError, FileNotFoundError, ValueError) as e:
         # A user mistake: one line that says what to fix, not a traceback (RAYGPT_DEBUG=1 shows it).
         if os.environ.get("RAYGPT_DEBUG"):

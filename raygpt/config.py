@@ -316,9 +316,15 @@ def validate(cfg: Config) -> None:
     if t.global_batch_size is not None and t.global_batch_size % t.batch_size:
         raise ConfigError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
                           f"train.batch_size={t.batch_size}")
+    if "://" in t.out_dir:
+        raise ConfigError(f"train.out_dir={t.out_dir!r} must be a local folder; put cloud storage in "
+                          f"ray.storage_path")
     if t.run_name is not None and (not t.run_name or "/" in t.run_name or t.run_name.startswith(".")):
         raise ConfigError(f"train.run_name={t.run_name!r} must be a plain folder name")
     r = cfg.ray
+    if r.storage_path is not None and "://" not in r.storage_path and not r.storage_path.startswith("/"):
+        raise ConfigError(f"ray.storage_path={r.storage_path!r} must be an absolute path or a URI (s3://, gs://, "
+                          f"file://): every node of the cluster resolves it")
     if r.num_workers < 0 or r.max_failures < 0 or r.prefetch_batches < 0:
         raise ConfigError("ray.num_workers, ray.max_failures and ray.prefetch_batches must not be negative")
     if r.fail_at_step is not None:
@@ -335,15 +341,35 @@ def validate(cfg: Config) -> None:
             raise ConfigError("ray.fail_at_step needs a local ray.storage_path (it leaves a marker file there)")
     positive("ray.cpus_per_worker", r.cpus_per_worker)
     positive("ray.threads_per_worker", r.threads_per_worker)
-    positive("sample.max_new_tokens", s.max_new_tokens)
-    positive("sample.num_samples", s.num_samples)
     if s.eval_tokens < 0:
         raise ConfigError(f"sample.eval_tokens={s.eval_tokens} must not be negative (0: no sample at evals)")
-    if s.temperature < 0:
-        raise ConfigError(f"sample.temperature={s.temperature} must not be negative (0 is greedy)")
-    positive("sample.top_k", s.top_k)
-    if s.top_p is not None and not 0.0 < s.top_p <= 1.0:
-        raise ConfigError(f"sample.top_p={s.top_p} must be in (0, 1]")
+    try:
+        check_sampling(lambda key: f"sample.{key}", max_new_tokens=s.max_new_tokens, temperature=s.temperature,
+                       top_k=s.top_k, top_p=s.top_p, seed=s.seed, num_samples=s.num_samples)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def check_sampling(name=lambda key: key, *, max_new_tokens: int = 0, temperature: float = 1.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+                   num_samples: int = 1) -> None:
+    """The rules for sampling settings, in one place for the sample.* keys, TextGenerator.generate and
+    `raygpt generate`. ``name`` turns a setting's name into what the user wrote (sample.top_k, --top-k);
+    a bad value is a ValueError naming it."""
+    def integer(key: str, value, low: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name(key)}={value!r} must be an integer of at least {low}")
+
+    integer("max_new_tokens", max_new_tokens, 0)
+    integer("num_samples", num_samples, 1)
+    if top_k is not None:
+        integer("top_k", top_k, 1)
+    if not temperature >= 0:  # also NaN
+        raise ValueError(f"{name('temperature')}={temperature!r} must not be negative (0 is greedy)")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"{name('top_p')}={top_p!r} must be in (0, 1] (1 keeps every token)")
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise ValueError(f"{name('seed')}={seed!r} must be an integer from 0 to 2**63 - 1")
 
 
 def grad_accum_steps(train: TrainConfig, world_size: int = 1) -> int:

@@ -12,6 +12,7 @@ import os
 import sys
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -25,10 +26,14 @@ from ray.train.torch import TorchTrainer
 
 import raygpt
 from raygpt.checkpoint import latest_checkpoint, read_meta, save_checkpoint
+from raygpt.cluster import free_ports
 from raygpt.config import Config, ConfigError, config_from_dict, grad_accum_steps
 from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, read_units, split_units
+from raygpt.data.sources import check_writable
 from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches
-from raygpt.runs import build_training, format_progress, name_run, report_sample, resume_points, with_vocab
+from raygpt.metrics import RayMetrics, install_grafana_dashboard
+from raygpt.runs import (build_training, check_sample_prompt, format_progress, name_run, report_sample,
+                         resume_points, with_vocab)
 from raygpt.tracking import WandbLogger
 from raygpt.train import rng_state, train_loop
 
@@ -54,10 +59,11 @@ def unit_dataset(units: list, items: list[tuple[int, int]]):
     Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
     them: a read task that waits for a CPU would hang the run. So the item list comes from the driver and
     units are read by zero-CPU tasks (reading Parquet is I/O and memcpy, not compute)."""
-    # size=2 caps the zero-CPU tasks in flight (else Ray starts a worker process per block).
+    # size caps the zero-CPU tasks in flight (else Ray starts a worker process per block): 2, or 1 for a
+    # stream of one read call at most (Ray Data warns when the cap exceeds what it is given to read).
     ds = ray.data.from_items([{"epoch": e, "unit": int(u)} for e, u in items]).map_batches(
         _read_batch, fn_kwargs={"units": units}, batch_size=READ_UNITS, batch_format="numpy", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=2))
+        compute=ray.data.TaskPoolStrategy(size=2 if len(items) > READ_UNITS else 1))
     ds.context.execution_options.preserve_order = True  # the plan's order is the stream's order
     return ds
 
@@ -95,9 +101,9 @@ class UnitShards(ray.train.DataConfig):
                 if name == "train":  # runs at every worker-group start, so a restart gets its own world size
                     ds = unit_dataset(self.units, train_items(self.cfg, self.units, rank, world_size,
                                                               self.start_tokens))
-                options = self._resolve_execution_options(name)
-                options.preserve_order = True
-                ds.context.execution_options = options
+                # Ray Data's defaults, in order (DataConfig's default_ingest_options passes on the deprecated
+                # exclude_resources, and Ray warns).
+                ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)
                 out[rank][name] = ds.iterator()
         return out
 
@@ -217,10 +223,12 @@ def train_func(config: dict) -> None:
             + (f", resuming at step {t.state.step}" if resume is not None else ""))
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
+    gauges = RayMetrics(cfg.train.run_name, rank)  # Prometheus/Grafana, through Ray's metrics export
 
     def report(metrics: dict, state, checkpoint: bool) -> None:
-        # Every worker calls ray.train.report the same number of times (it is a barrier); rank 0 alone
-        # prints, logs to W&B and writes the checkpoint, which Ray copies to storage_path.
+        # Every worker calls ray.train.report the same number of times (it is a barrier) and sets its own
+        # gauges; rank 0 alone prints, logs to W&B and writes the checkpoint, which Ray copies to storage_path.
+        gauges.record(metrics)
         if rank == 0:
             if "first_step" not in clock and "start" in clock:
                 clock["first_step"] = time.time()
@@ -253,26 +261,84 @@ def train_func(config: dict) -> None:
 # --------------------------------------------------------------------------- on the driver
 
 
+class RunInterrupted(KeyboardInterrupt):
+    """A run stopped by Ctrl-C; the message says where it stands and how to resume it."""
+
+
 # Ray Train's controller takes a worker's report every health-check interval (2 s by default) and a worker
 # blocks on its next report until then: poll faster so frequent reports never stall the step.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 # Train V2 routes workers' print() through its logger, which reaches the driver twice; rank 0's progress
 # line is meant to be printed once, as is.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# The dashboard's Train view (runs, their workers and status; /api/train/v2/runs/v1) shows a Train V2 run
+# only when the process that builds the TorchTrainer has this set: this driver, or a Tune trial's actor,
+# which imports this module too. The head needs nothing.
+os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
 # Progress bars and per-report INFO lines drown the one progress line per log interval that rank 0 prints.
-QUIET = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1"}
+# Ray Data's usage statistics (telemetry for Ray's developers) poll Prometheus every 10 s in every process
+# that runs a dataset (each Train worker here) and, with no Prometheus on localhost:9090, log a traceback
+# each time: raygpt turns that collection off, in the driver and, through the job's runtime env, everywhere.
+QUIET = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1", "RAY_DATA_USAGE_DISABLED": "1"}
+for _key, _value in QUIET.items():
+    os.environ.setdefault(_key, _value)
+
+# Ray Train's own DataConfig.default_ingest_options passes the deprecated ExecutionOptions.exclude_resources
+# on (its state tracking calls it for every run); raygpt never sets it, so the warning is Ray's, not ours.
+warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
+                        category=DeprecationWarning)
 
 
-def connect() -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`) or start a local one."""
+def _off_console(record: logging.LogRecord) -> bool:
+    """Ray Data prints, on a console handler of its own (past ray.init's log level), a line per finished
+    dataset and write, and that progress bars are off (raygpt turns them off); the start-up line and the
+    prepare: lines say what matters. Its console handler skips records marked ``hide``; Ray Data's log files
+    in the session directory still get them."""
+    if record.levelno < logging.WARNING or record.name == "ray.data._internal.progress":
+        record.hide = True
+    return True
+
+
+for _name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset", "ray.data._internal.progress"):
+    logging.getLogger(_name).addFilter(_off_console)
+
+
+def connect(print_fn=None) -> None:
+    """Join the cluster in RAY_ADDRESS (as under `ray job submit`; `RAY_ADDRESS=auto` joins the one a
+    `ray start` left on this machine) or start a fresh local one for this process: never join a cluster
+    by accident. ``print_fn`` gets one line saying which, and where its dashboard is."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if ray.is_initialized():
         return
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, runtime_env={"env_vars": QUIET},
-             logging_config=ray.LoggingConfig(log_level="WARNING"))
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    env, options = dict(QUIET), {}
+    # Ray Train's own actors (its placement-group cleaner, its run-state actor) look the cluster up through
+    # Ray's state API, which without an address scans the machine for Ray clusters and dies ("Found multiple
+    # active Ray instances") when another one runs there too: tell every process of this job which is ours.
+    if address == "local":
+        options["dashboard_port"] = free_ports(1)[0]
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{options['dashboard_port']}"
+        # Ray turns token authentication on for a new local cluster and says so in a WARNING (with how to opt
+        # out); no one else joins this one, and that module warns of nothing else in a driver.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # No node of a private local cluster is ever drained (preempted), and Ray Train's PreemptionWatcher,
+        # which watches for that, is started in a way that makes Ray log an ERROR line about its arguments.
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    elif address != "auto":
+        env["RAY_ADDRESS"] = address
+    info = ray.init(address=address, runtime_env={"env_vars": env},
+                    logging_config=ray.LoggingConfig(log_level="WARNING"), **options)
+    # Ray has no public call for the session folder; without it the Grafana dashboard is simply not added.
+    node = getattr(ray._private.worker.global_worker, "node", None)
+    if node is not None:
+        install_grafana_dashboard(node.get_session_dir_path())
+    if print_fn is not None:
+        where = "started a local Ray cluster for this run" if address == "local" else f"joined the Ray cluster at {address}"
+        dashboard = f"http://{info.dashboard_url}" if info.dashboard_url else "none (started without one)"
+        print_fn(f"ray: {where}; dashboard {dashboard} (Jobs, Train runs, Actors, Metrics)")
 
 
 def resolve_cpus(cfg: Config) -> Config:
@@ -313,13 +379,17 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     from printing progress lines and samples."""
     # Wall-clock marks for the start-up line rank 0 prints at step 1, from when raygpt was first imported.
     clock = {"process": raygpt.IMPORTED_AT, "start": time.time()}
-    connect()
+    # Storage that cannot be written is one line now, not a traceback from Ray Train's controller later.
+    check_writable(cfg.ray.storage_path or cfg.train.out_dir,
+                   "ray.storage_path" if cfg.ray.storage_path else "train.out_dir")
+    connect(print_fn)
     clock["ray"] = time.time()
     prepared = prepare(cfg.data, print_fn)
     clock["data"] = time.time()
     manifest = load_manifest(prepared)
     tokenizer = prepared_tokenizer(prepared)
     cfg = with_vocab(cfg, tokenizer)
+    check_sample_prompt(cfg, tokenizer)
     use_gpu = wants_gpu(cfg)
     cfg = resolve_cpus(cfg)
     check_resources(cfg, use_gpu)
@@ -363,13 +433,22 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
                                               str(Path(storage) / cfg.train.run_name), "clock": clock,
                                               "quiet": quiet},
                            dataset_config=UnitShards(cfg, train_units, start_tokens))
-    return trainer.fit()
+    try:
+        return trainer.fit()
+    except (SystemExit, KeyboardInterrupt):
+        # Ctrl-C: Ray Train aborts the run (its workers stop, the Train view says ABORTED), then leaves
+        # fit() by SystemExit(1). Say what that means for the run instead of exiting without a word.
+        newest = latest_checkpoint(Path(storage) / cfg.train.run_name) if "://" not in storage else None
+        again = f"the same command (train.run_name={cfg.train.run_name})"
+        said = (f"its newest checkpoint is {newest} (step {read_meta(newest)['step']}); {again} resumes from it"
+                if newest is not None else f"it wrote no checkpoint, so {again} starts it anew")
+        raise RunInterrupted(f"the run {cfg.train.run_name!r} was interrupted; {said}") from None
 
 
-def run_prepare(cfg: Config) -> Path:
+def run_prepare(cfg: Config, print_fn=print) -> Path:
     """`raygpt prepare`: tokenized shards for cfg.data on the cluster (reused when already there)."""
-    connect()
-    return prepare(cfg.data)
+    connect(print_fn)
+    return prepare(cfg.data, print_fn)
 
 
-__all__ = ["train", "train_func", "connect", "check_resources", "run_prepare"]
+__all__ = ["train", "train_func", "connect", "check_resources", "run_prepare", "RunInterrupted"]

@@ -15,9 +15,9 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 
 from raygpt.checkpoint import CheckpointError, load_checkpoint
-from raygpt.config import Config
+from raygpt.config import Config, check_sampling
 from raygpt.model import GPT, KVCache
-from raygpt.tokenizer import Tokenizer
+from raygpt.tokenizer import CharTokenizer, Tokenizer
 from raygpt.train import autocast, resolve_device, resolve_precision
 
 
@@ -90,6 +90,21 @@ def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, tempera
             context = tokens[-keep:]
 
 
+def check_prompt(tokenizer: Tokenizer, prompt: str, name: str, fix: str) -> None:
+    """A prompt the tokenizer cannot encode is one ValueError that names it (``name``: sample.prompt,
+    PROMPT), says which characters, and ends with what to do (``fix``)."""
+    try:
+        tokenizer.encode(prompt)
+    except ValueError as e:
+        what = str(e)
+        if isinstance(tokenizer, CharTokenizer):
+            missing = sorted(set(prompt) - set(tokenizer.chars))
+            what = (", ".join(f"{c!r} (U+{ord(c):04X})" for c in missing[:5]) + (" ..." if len(missing) > 5 else "")
+                    + f" not in the char vocabulary ({len(tokenizer.chars)} characters of the training corpus)")
+        shown = repr(prompt) if len(prompt) <= 40 else repr(prompt[:40]) + "..."
+        raise ValueError(f"{name}={shown} cannot be encoded: {what}; {fix}") from None
+
+
 class TextGenerator:
     """A trained model with its tokenizer and config: what ``raygpt.load`` returns."""
 
@@ -111,26 +126,36 @@ class TextGenerator:
         """Continue ``prompt``. A string gives a string, a list gives a list, ``stream=True`` gives an
         iterator of text pieces (one prompt). Stops after max_new_tokens, at the end-of-text token, or
         before the first ``stop`` string (not included). Same seed, same text; prompts longer than
-        block_size keep their last block_size tokens."""
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens must not be negative, got {max_new_tokens}")
-        if temperature < 0:
-            raise ValueError(f"temperature must not be negative (0 is greedy), got {temperature}")
-        if top_k is not None and top_k <= 0:
-            raise ValueError(f"top_k must be positive, got {top_k}")
-        if top_p is not None and not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        if any(not s for s in stops):
-            raise ValueError("stop strings must not be empty")
+        block_size keep their last block_size tokens. Every argument is checked (see check) before any
+        token is generated."""
+        if stream and not isinstance(prompt, str):
+            raise ValueError("stream=True takes one prompt string, not a list")
+        stops = self.check(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, stops=stops, use_cache=use_cache)
         if isinstance(prompt, str):
             pieces = self._stream(prompt, **args)
             return pieces if stream else "".join(pieces)
-        if stream:
-            raise ValueError("stream=True takes one prompt string, not a list")
         return ["".join(self._stream(p, **args)) for p in prompt]
+
+    def check(self, prompt: Union[str, list[str]], max_new_tokens: int = 200, temperature: float = 1.0,
+              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
+              stop: Union[str, list[str], None] = None, num_samples: int = 1, name=lambda key: key) -> list[str]:
+        """The arguments of generate() checked, all of them, before any output: a ValueError naming the first
+        bad one (``name`` turns an argument's name into what the user wrote, e.g. ``--top-p``). The numeric
+        rules are raygpt.config.check_sampling's, shared with the sample.* keys. Returns the stop strings."""
+        check_sampling(name, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                       seed=seed, num_samples=num_samples)
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if any(not isinstance(s, str) or not s for s in stops):
+            raise ValueError(f"{name('stop')} strings must be non-empty strings, got {stops!r}")
+        prompts = [prompt] if isinstance(prompt, str) else prompt
+        if not isinstance(prompts, (list, tuple)) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"{name('prompt')} must be a string or a list of strings, got {prompt!r}"[:300])
+        for p in prompts:
+            check_prompt(self.tokenizer, p, name("prompt"), "leave those characters out: a char-level model "
+                         "knows only the characters of its training corpus")
+        return stops
 
     def _stream(self, prompt: str, max_new_tokens, temperature, top_k, top_p, seed, stops,
                 use_cache) -> Iterator[str]:

@@ -17,9 +17,10 @@ import torch
 from raygpt.checkpoint import unwrap
 from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
+from raygpt.data.sources import check_writable
 from raygpt.data.windows import fixed_batches
-from raygpt.runs import (build_training, device_for, find_resume, format_progress, report_sample, run_dir,
-                         save_run_checkpoint, with_vocab)
+from raygpt.runs import (build_training, check_sample_prompt, device_for, find_resume, format_progress,
+                         report_sample, run_dir, save_run_checkpoint, with_vocab)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.tracking import WandbLogger
 from raygpt.train import TokenBatches, train_loop
@@ -37,6 +38,7 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
                 print_fn: Callable[[str], None] = print) -> LocalResult:
     """Train cfg in this process; resume when the named run has checkpoints. ``arrays`` (tokenizer, train
     ids, val ids) skips reading the corpus, for tests and benchmarks."""
+    check_writable(cfg.train.out_dir, "train.out_dir")  # before any work: the run folder goes there
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = device_for(cfg)
@@ -46,9 +48,10 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
         tokenizer = None
         if resume is not None:
             tokenizer = load_tokenizer(resume)  # the run's own, not a retrained one
-        arrays = prepare_arrays(cfg.data, tokenizer)
+        arrays = prepare_arrays(cfg.data, tokenizer, print_fn)
     tokenizer, train_ids, val_ids = arrays
     cfg = with_vocab(cfg, tokenizer)
+    check_sample_prompt(cfg, tokenizer)
     t = build_training(cfg, device, resume)
     path.mkdir(parents=True, exist_ok=True)
     cfg.save(path / "config.yaml")

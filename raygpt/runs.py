@@ -22,7 +22,7 @@ from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoi
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.tokenizer import Tokenizer, load_tokenizer
-from raygpt.generate import generate_tokens
+from raygpt.generate import check_prompt, generate_tokens
 from raygpt.train import (TrainState, autocast, configure_optimizer, make_scaler, resolve_device,
                           resolve_precision, rng_state, set_rng_state)
 
@@ -48,6 +48,17 @@ def with_vocab(cfg: Config, tokenizer: Tokenizer) -> Config:
         raise ConfigError(f"model.vocab_size={m.vocab_size} is smaller than the tokenizer's vocabulary "
                           f"({tokenizer.vocab_size}); leave it unset or raise it")
     return cfg
+
+
+def check_sample_prompt(cfg: Config, tokenizer: Tokenizer) -> None:
+    """sample.prompt (every eval's sample, the samples after training) must encode with the run's tokenizer.
+    Every path (--local, Ray, tune) checks it as soon as the tokenizer is known, before any step, so a
+    prompt the corpus lacks characters for is not found at the first eval."""
+    try:
+        check_prompt(tokenizer, cfg.sample.prompt, "sample.prompt",
+                     "set sample.prompt to text made of the corpus's characters, or use data.tokenizer=bytes")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def check_resumable(cfg: Config, saved: Config, path: Path) -> None:
@@ -212,11 +223,11 @@ def _hms(seconds: float) -> str:
 
 
 def device_for(cfg: Config) -> torch.device:
-    device = resolve_device(cfg.train.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"train.device={cfg.train.device} but CUDA is not available; use train.device=auto")
-    return device
+    try:
+        return resolve_device(cfg.train.device, "train.device")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
-__all__ = ["run_dir", "with_vocab", "build_training", "find_resume", "resume_points", "save_run_checkpoint", "format_progress",
-           "Training", "CheckpointError", "device_for"]
+__all__ = ["run_dir", "with_vocab", "check_sample_prompt", "build_training", "find_resume", "resume_points",
+           "save_run_checkpoint", "format_progress", "Training", "CheckpointError", "device_for"]

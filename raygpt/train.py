@@ -43,14 +43,24 @@ PEAK_FLOPS = {  # name fragment: (bf16/fp16, tf32); the longest matching fragmen
 # --------------------------------------------------------------------------- device and precision
 
 
-def resolve_device(name: str = "auto") -> torch.device:
+def resolve_device(name: str = "auto", key: str = "device") -> torch.device:
+    """auto: CUDA, then MPS, then CPU. A name torch does not know, or a device this machine does not have,
+    is a ValueError naming ``key`` (train.device, --device)."""
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"{key}={name!r} is not a device; use auto, cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"{key}={name} but CUDA is not available; use {key}=auto or cpu")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ValueError(f"{key}={name} but this machine has {torch.cuda.device_count()} CUDA device(s); "
+                         f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    if device.type == "mps" and not mps:
+        raise ValueError(f"{key}={name} but MPS is not available; use {key}=auto or cpu")
+    return device
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:

@@ -18,17 +18,22 @@ from pathlib import Path
 
 # Trials keep the driver's working directory (the run paths below are absolute anyway).
 os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")
+# Tune's default output engine prints its experiment box and result paths even at verbose=0; the legacy one
+# prints nothing there. The tune: lines and the table say it all.
+os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
 
+import optuna  # noqa: E402
 import ray  # noqa: E402
 import ray.tune  # noqa: E402
 from ray.tune.integration.ray_train import TuneReportCallback  # noqa: E402
-from ray.tune.schedulers import ASHAScheduler  # noqa: E402
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from raygpt.config import Config, ConfigError, config_from_dict  # noqa: E402
 from raygpt.data.pipeline import prepare, prepared_tokenizer  # noqa: E402
+from raygpt.data.sources import check_writable  # noqa: E402
 from raygpt.distributed import check_resources, connect, train, wants_gpu  # noqa: E402
-from raygpt.runs import with_vocab  # noqa: E402
+from raygpt.runs import check_sample_prompt, with_vocab  # noqa: E402
 from raygpt.tune_report import METRIC, TrialRow, TuneOutcome, ending, format_value, summarize  # noqa: E402
 from raygpt.tune_space import TuneSettings, trial_config  # noqa: E402
 
@@ -180,13 +185,33 @@ def trial_resources(base: Config) -> tuple[Config, int]:
     return base, max(1, fit)
 
 
+def _scheduler(grace: int, max_steps: int, reduction_factor: int):
+    """ASHA with its rungs at grace x reduction_factor^k below max_steps. A trial that reaches max_steps ends
+    by itself, its TorchTrainer shut down cleanly: ASHA neither stops it there (stop_last_trials) nor keeps a
+    rung at the last step, where stopping saves nothing (Tune ends a stopped trial's actor mid-run, and Ray
+    frees its workers from outside, with a warning). grace = max_steps leaves no rung: no early stopping."""
+    if grace >= max_steps:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="step", max_t=max_steps - 1, grace_period=grace,
+                         reduction_factor=reduction_factor, stop_last_trials=False)
+
+
 def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_fn=say) -> TuneOutcome:
     """Run (or --resume) an experiment and write its table, best config and plot."""
-    connect()
+    check_writable(base.train.out_dir, "train.out_dir")  # the experiment goes there; one line now, not in Tune
+    connect(print_fn)
+    # Ray Data's statistics actor (one per cluster) is started by the first process that runs a dataset, in
+    # that process's placement group: a trial's. It would then end with that trial, and every dataset still
+    # running in the other trials logs a KeyError traceback at each metrics update. Started here, it outlives them.
+    from ray.data._internal.stats import get_or_create_stats_actor
+
+    get_or_create_stats_actor()
     base = _absolute(base)
     name, exp_dir = _experiment(base, settings, resume)
     prepared = prepare(base.data, print_fn)  # once, here: every trial reuses it
-    base = with_vocab(base, prepared_tokenizer(prepared))
+    tokenizer = prepared_tokenizer(prepared)
+    base = with_vocab(base, tokenizer)
+    check_sample_prompt(base, tokenizer)  # before any trial, not at a trial's first eval
     trials, fit = trial_resources(base)
     concurrent = min(settings.max_concurrent or fit, fit)
     grace = settings.grace_steps or base.train.eval_interval
@@ -203,6 +228,7 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
     callbacks = [TrialLine(settings.samples, base.train.max_steps, print_fn)]
     if base.logging.wandb:
         callbacks.append(WandbTrials(trials, settings, name, exp_dir / "runs"))
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # not "A new study created in memory"
     if resume:
         tuner = ray.tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
@@ -213,8 +239,7 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
                 metric=METRIC, mode="min", num_samples=settings.samples, max_concurrent_trials=concurrent,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
                 search_alg=OptunaSearch(seed=settings.seed),
-                scheduler=ASHAScheduler(time_attr="step", max_t=base.train.max_steps, grace_period=grace,
-                                        reduction_factor=settings.reduction_factor)),
+                scheduler=_scheduler(grace, base.train.max_steps, settings.reduction_factor)),
             run_config=ray.tune.RunConfig(name=name, storage_path=str(exp_dir.parent), verbose=0,
                                           callbacks=callbacks))
     results = tuner.fit()

@@ -7,42 +7,47 @@ so a split is the same whichever path prepared it.
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass
-from typing import Iterable
+from typing import Callable, Iterable, Optional
 
 import numpy as np
 
 from raygpt.config import DataConfig
-from raygpt.data.sources import decode_file, list_sources, read_file
+from raygpt.data.sources import (Document, Skipped, count_skipped, list_sources, parse_file, read_file,
+                                 skipped_error)
 from raygpt.tokenizer import Tokenizer, load_tokenizer, train_tokenizer
 
-@dataclass
-class Document:
-    name: str  # stable identity (relative path): the train/val split hashes it
-    text: str
 
-
-def read_documents(source: str, max_chars: int | None = None) -> list[Document]:
-    """UTF-8 text documents of a source (see raygpt.data.sources), in a stable order; at most
-    ``max_chars`` characters in all. Binary and non-UTF-8 files are skipped."""
+def read_documents(source: str, max_chars: int | None = None, text_field: str = "text",
+                   skipped: Optional[list[Skipped]] = None) -> list[Document]:
+    """The documents of a source in a stable order (a text file is one, a JSON record one: see
+    raygpt.data.sources.parse_file, which the Ray Data prepare uses too); at most ``max_chars`` characters
+    in all. What is left out (binary and non-UTF-8 files, bad JSON records) is added to ``skipped``."""
     fs, files = list_sources(DataConfig(source=source, max_chars=max_chars))
     docs, total, bad = [], 0, []
     for f in files:
-        text, reason = decode_file(read_file(fs, f.path))
-        if reason:
-            bad.append(f.name)
-            continue
-        if max_chars is not None and total + len(text) > max_chars:
-            text = text[:max_chars - total]
-        if text:
-            docs.append(Document(f.name, text))
-            total += len(text)
+        found, left_out = parse_file(read_file(fs, f.path), f.name, text_field)
+        bad += left_out
+        for doc in found:
+            if max_chars is not None and total + len(doc.text) > max_chars:
+                doc = Document(doc.name, doc.text[:max_chars - total])
+            if doc.text:
+                docs.append(doc)
+                total += len(doc.text)
+            if max_chars is not None and total >= max_chars:
+                break
         if max_chars is not None and total >= max_chars:
             break
+    if skipped is not None:
+        skipped += bad
     if not docs:
-        detail = f" ({len(bad)} files are not UTF-8 text, e.g. {bad[0]})" if bad else ""
-        raise ValueError(f"data.source={source!r} holds no text{detail}")
+        raise no_text_error(source, bad)
     return docs
+
+
+def no_text_error(source: str, skipped: list[Skipped]) -> ValueError:
+    """A source with no text left, saying what was skipped (both paths)."""
+    detail = f" ({count_skipped(skipped)} skipped, e.g. {skipped[0].what})" if skipped else ""
+    return ValueError(f"data.source={source!r} holds no text{detail}")
 
 
 def is_val(name: str, val_fraction: float) -> bool:
@@ -99,10 +104,19 @@ def encode_documents(texts: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
 
 
-def prepare_arrays(data: DataConfig, tokenizer: Tokenizer | None = None) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
+def prepare_arrays(data: DataConfig, tokenizer: Tokenizer | None = None,
+                   print_fn: Optional[Callable[[str], None]] = None) -> tuple[Tokenizer, np.ndarray, np.ndarray]:
     """Read, split, tokenize: (tokenizer, train ids, val ids). Without a tokenizer one is built; it is
-    trained on the whole corpus because a char vocabulary must cover the val text too."""
-    docs = read_documents(data.source, data.max_chars)
+    trained on the whole corpus because a char vocabulary must cover the val text too. What is skipped is
+    printed (data.on_bad_file=skip) or stops it (fail), as in the Ray Data prepare."""
+    skipped: list[Skipped] = []
+    docs = read_documents(data.source, data.max_chars, data.text_field, skipped)
+    if skipped and data.on_bad_file == "fail":
+        raise skipped_error(skipped)
+    if skipped and print_fn:
+        for s in skipped[:5]:
+            print_fn(f"data: skipped {s.what}")
+        print_fn(f"data: {count_skipped(skipped)} skipped")
     train_texts, val_texts = split_documents(docs, data)
     tokenizer = tokenizer or build_tokenizer(data, (d.text for d in docs))
     return tokenizer, encode_documents(train_texts, tokenizer), encode_documents(val_texts, tokenizer)

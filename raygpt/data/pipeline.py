@@ -8,9 +8,10 @@
         split=val/*.parquet   row groups of UNIT_ROWS rows: the units training reads and shuffles
 
 The same sources and settings reuse the folder; any change prepares anew under another fingerprint. The
-folder is written under a temporary name and renamed into place only when complete, so an interrupted
-prepare never leaves shards that look prepared. Reading, splitting and tokenizing stream through Ray
-Data in batches: memory stays bounded by the object store, not by the corpus.
+folder is written under a temporary name (.NAME.tmp-HOST-PID-RANDOM: who writes it) and renamed into place
+only when complete, so an interrupted prepare never leaves shards that look prepared; the next prepare in
+the same prepared_dir removes the temporaries whose writer is gone. Reading, splitting and tokenizing
+stream through Ray Data in batches: memory stays bounded by the object store, not by the corpus.
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import time
 import uuid
 from dataclasses import asdict
@@ -32,8 +35,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raygpt.config import DataConfig
-from raygpt.data.corpus import check_split_sizes, split_text
-from raygpt.data.sources import PrepareError, SourceFile, decode_file, list_sources
+from raygpt.data.corpus import check_split_sizes, no_text_error, split_text
+from raygpt.data.sources import (PrepareError, Skipped, SourceFile, check_writable, count_skipped,
+                                 list_sources, parse_file, record_name, skipped_error)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
@@ -41,7 +45,8 @@ FORMAT_VERSION = 2
 CHUNK_TOKENS = 4096  # tokens per Parquet row
 UNIT_ROWS = 2  # rows per Parquet row group: the unit of reading and of the per-epoch shuffle (8k tokens)
 ROWS_PER_FILE = 128  # 64 row groups per file, so opening a file to read one unit stays cheap
-JSON_EXT, PARQUET_EXT = (".jsonl", ".json"), (".parquet",)
+PARQUET_EXT = (".parquet",)
+STALE_SECONDS = 24 * 3600  # another host's temporary folder untouched this long is taken as abandoned
 
 
 def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
@@ -57,16 +62,22 @@ def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
 # --------------------------------------------------------------------------- Ray Data stages (run in tasks)
 
 
-def _decode(batch: dict, max_chars: Optional[int]) -> dict:
-    """Raw bytes -> text rows; files that are not UTF-8 or look binary become rows with `bad` set."""
-    names, texts, bad = [], [], []
+def _parse(batch: dict, text_field: str, max_chars: Optional[int]) -> dict:
+    """Raw files -> document rows (a text file is one, a JSON record one: sources.parse_file, as the local
+    loop reads them); what is skipped becomes rows with `bad` (what) and `bad_records` set."""
+    rows = {"name": [], "text": [], "bad": [], "bad_records": []}
+
+    def add(name: str, text: str, bad: str = "", bad_records: int = 0) -> None:
+        for key, value in zip(rows, (name, text, bad, bad_records)):
+            rows[key].append(value)
+
     for raw, name in zip(batch["bytes"], batch["name"]):
-        text, reason = decode_file(raw)
-        names.append(name)
-        texts.append(text[:max_chars] if max_chars else text)
-        bad.append(reason)
-    return {"name": np.array(names, dtype=object), "text": np.array(texts, dtype=object),
-            "bad": np.array(bad, dtype=object)}
+        docs, skipped = parse_file(raw, name, text_field)
+        for doc in docs:
+            add(doc.name, doc.text[:max_chars] if max_chars else doc.text)
+        for s in skipped:
+            add(name, "", s.what, s.records)
+    return {key: np.array(values, dtype=np.int64 if key == "bad_records" else object) for key, values in rows.items()}
 
 
 def _charset(batch: dict) -> dict:
@@ -79,13 +90,14 @@ def _charset(batch: dict) -> dict:
 def _tokenize(batch: dict, tokenizer: Tokenizer, data: DataConfig) -> dict:
     """Documents -> chunks of at most CHUNK_TOKENS ids per split, each document followed by end-of-text."""
     per_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    rows = {"split": [], "tokens": [], "bad": []}
+    rows = {"split": [], "tokens": [], "bad": [], "bad_records": []}
     eot = np.array([tokenizer.eot_id], dtype=np.int32)
-    for name, text, bad in zip(batch["name"], batch["text"], batch["bad"]):
+    for name, text, bad, bad_records in zip(batch["name"], batch["text"], batch["bad"], batch["bad_records"]):
         if bad:
             rows["split"].append("bad")
             rows["tokens"].append(np.zeros(0, dtype=np.int32))
-            rows["bad"].append(f"{name}: {bad}")
+            rows["bad"].append(bad)
+            rows["bad_records"].append(int(bad_records))
             continue
         if not text:
             continue  # an empty file is no document (the local loop skips it too)
@@ -99,12 +111,14 @@ def _tokenize(batch: dict, tokenizer: Tokenizer, data: DataConfig) -> dict:
             rows["split"].append(split)
             rows["tokens"].append(ids[start:start + CHUNK_TOKENS])
             rows["bad"].append("")
+            rows["bad_records"].append(0)
     # A plain list<int32> column (any Parquet reader sees token ids), built from offsets without copies.
     lengths = np.array([len(t) for t in rows["tokens"]], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     values = np.concatenate(rows["tokens"]) if rows["tokens"] else np.zeros(0, dtype=np.int32)
     tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
-    return pa.table({"split": rows["split"], "tokens": tokens, "n_tokens": lengths, "bad": rows["bad"]})
+    return pa.table({"split": rows["split"], "tokens": tokens, "n_tokens": lengths, "bad": rows["bad"],
+                     "bad_records": pa.array(rows["bad_records"], type=pa.int64())})
 
 
 # --------------------------------------------------------------------------- the pipeline
@@ -115,27 +129,32 @@ def prepare(data: DataConfig, print_fn=print) -> Path:
     fs, files = list_sources(data)
     fp = fingerprint(files, data)
     out = Path(data.prepared_dir) / f"{_slug(data.source)}-{fp}"
+    remove_stale_temporaries(out.parent, print_fn)
     if (out / MANIFEST).is_file():
         print_fn(f"prepare: reusing {out} (same sources and settings)")
         return out
+    check_writable(data.prepared_dir, "data.prepared_dir")
     t0 = time.perf_counter()
     total_bytes = sum(f.size for f in files)
     print_fn(f"prepare: {len(files)} files, {total_bytes / 1e6:.1f} MB from {data.source} -> {out}")
     docs = _documents(fs, files, data)
     tokenizer = _build_tokenizer(docs, data)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
         ds = docs.map_batches(_tokenize, fn_kwargs={"tokenizer": tokenizer, "data": data}, batch_format="numpy",
                               batch_size=16)
         ds.write_parquet(str(tmp.resolve()), partition_cols=["split"], row_group_size=UNIT_ROWS,
                          max_rows_per_file=ROWS_PER_FILE)
         manifest = _manifest(tmp, tokenizer, data, files, fp)
-        bad = manifest.pop("bad_files")
-        if bad and data.on_bad_file == "fail":
-            raise PrepareError(f"{len(bad)} files are not UTF-8 text: {'; '.join(bad[:5])}"
-                               f"{' ...' if len(bad) > 5 else ''}; remove them or set data.on_bad_file=skip")
-        check_split_sizes({s: manifest["splits"][s]["tokens"] for s in ("train", "val")}, len(files), data)
-        manifest["skipped_files"] = bad
+        skipped = manifest.pop("skipped")
+        if skipped and data.on_bad_file == "fail":
+            raise skipped_error(skipped)
+        sizes = {s: manifest["splits"][s]["tokens"] for s in ("train", "val")}
+        if not any(sizes.values()):
+            raise no_text_error(data.source, skipped)
+        check_split_sizes(sizes, len(files), data)
+        manifest["skipped_files"] = [s.what for s in skipped]
+        manifest["skipped_records"] = sum(s.records for s in skipped)
         manifest["seconds"] = round(time.perf_counter() - t0, 2)
         tokenizer.save(tmp)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2))  # last: its presence means complete
@@ -148,42 +167,101 @@ def prepare(data: DataConfig, print_fn=print) -> Path:
         raise
     s = manifest["splits"]
     print_fn(f"prepare: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, {tokenizer!r}, "
-             f"{len(bad)} files skipped, {total_bytes / 1e6 / manifest['seconds']:.2f} MB/s")
-    for line in bad[:5]:
+             f"{count_skipped(skipped)} skipped, {total_bytes / 1e6 / manifest['seconds']:.2f} MB/s")
+    for line in manifest["skipped_files"][:5]:
         print_fn(f"prepare: skipped {line}")
+    if len(skipped) > 5:
+        print_fn(f"prepare: ... {len(skipped) - 5} more: skipped_files in {out / MANIFEST}")
     return out
 
 
+# Temporary folders are named .NAME.tmp-HOST-PID-RANDOM after their writer (earlier ones .NAME.tmp-RANDOM).
+_TEMP = re.compile(r"^\..+\.tmp-(?:(?P<host>.+)-(?P<pid>\d+)-)?[0-9a-f]{8}$")
+
+
+def remove_stale_temporaries(folder: Path, print_fn=print) -> list[Path]:
+    """Remove what interrupted prepares (killed, their machine lost) left in ``folder``: temporary folders
+    whose writer was a process of this host that is gone, and any other (another host's, or one from before
+    writers were named) that nothing has changed for STALE_SECONDS. A live writer's folder stays. (Hosts
+    are told apart by name: two machines with one host name sharing a prepared_dir would confuse this.)"""
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    host = socket.gethostname()
+    for path in sorted(folder.glob(".*.tmp-*")):
+        m = _TEMP.match(path.name)
+        if m is None or not path.is_dir():
+            continue
+        if m["host"] == host:
+            if _alive(int(m["pid"])):
+                continue
+            why = f"pid {m['pid']}"
+        else:
+            idle = time.time() - _last_change(path)
+            if idle < STALE_SECONDS:
+                continue
+            why = (f"pid {m['pid']} on {m['host']}, " if m["host"] else "") + f"untouched for {idle / 3600:.0f} h"
+        shutil.rmtree(path, ignore_errors=True)
+        print_fn(f"prepare: removed {path} left by an interrupted prepare ({why})")
+        removed.append(path)
+    return removed
+
+
+def _last_change(folder: Path) -> float:
+    """The newest mtime of the folder and everything in it."""
+    newest = 0.0
+    for d, _, names in os.walk(folder):
+        for name in [".", *names]:
+            try:
+                newest = max(newest, os.stat(os.path.join(d, name)).st_mtime)
+            except FileNotFoundError:
+                return time.time()  # changing right now
+    return newest
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, as another user's process
+    return True
+
+
 def _documents(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig):
-    """A Ray Dataset of {name, text, bad} rows over every kind of source file."""
+    """A Ray Dataset of {name, text, bad, bad_records} rows over every kind of source file."""
     import ray
 
-    text_files = [f for f in files if not f.path.endswith(JSON_EXT + PARQUET_EXT)]
+    # Text and JSON files are read whole as bytes and parsed by sources.parse_file (as the local loop reads
+    # them): a JSON line that is not valid, or a record without the text field, is counted and reported,
+    # not dropped without a word as a JSON reader would.
+    raw_files = [f.path for f in files if not f.path.endswith(PARQUET_EXT)]
     names = {f.path: f.name for f in files}
     parts = []
-    if text_files:
-        raw = ray.data.read_binary_files([f.path for f in text_files], filesystem=fs, include_paths=True)
+    if raw_files:
+        raw = ray.data.read_binary_files(raw_files, filesystem=fs, include_paths=True)
         raw = raw.map_batches(lambda b: {"bytes": b["bytes"], "name": np.array(
             [names.get(p, names.get("/" + p, p)) for p in b["path"]], dtype=object)}, batch_format="numpy")
-        parts.append(raw.map_batches(_decode, fn_kwargs={"max_chars": data.max_chars}, batch_format="numpy"))
-    for ext, reader in ((JSON_EXT, ray.data.read_json), (PARQUET_EXT, ray.data.read_parquet)):
-        paths = [f.path for f in files if f.path.endswith(ext)]
-        if paths:
-            # read_json reads newline-delimited records (pyarrow's JSON reader) on any filesystem.
-            ds = reader(paths, filesystem=fs)
-            parts.append(ds.map_batches(_records, fn_kwargs={"field": data.text_field}, batch_format="pyarrow"))
+        parts.append(raw.map_batches(_parse, fn_kwargs={"text_field": data.text_field, "max_chars": data.max_chars},
+                                     batch_format="numpy"))
+    parquet = [f.path for f in files if f.path.endswith(PARQUET_EXT)]
+    if parquet:
+        ds = ray.data.read_parquet(parquet, filesystem=fs)
+        parts.append(ds.map_batches(_records, fn_kwargs={"field": data.text_field}, batch_format="pyarrow"))
     return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
 
 
 def _records(table, field: str) -> dict:
-    """JSONL / Parquet rows -> {name, text, bad}; a document's name is a hash of its text (no path)."""
+    """Parquet rows -> {name, text, bad, bad_records}; a document's name is a hash of its text (no path)."""
     if field not in table.column_names:
         raise PrepareError(f"no field {field!r} in the records (fields: {', '.join(table.column_names)}); "
                            f"set data.text_field")
     texts = [t or "" for t in table.column(field).to_pylist()]
-    names = [hashlib.sha1(t.encode("utf-8")).hexdigest() for t in texts]
-    return {"name": np.array(names, dtype=object), "text": np.array(texts, dtype=object),
-            "bad": np.array([""] * len(texts), dtype=object)}
+    return {"name": np.array([record_name(t) for t in texts], dtype=object), "text": np.array(texts, dtype=object),
+            "bad": np.array([""] * len(texts), dtype=object), "bad_records": np.zeros(len(texts), dtype=np.int64)}
 
 
 def _build_tokenizer(docs, data: DataConfig) -> Tokenizer:
@@ -201,12 +279,13 @@ def _build_tokenizer(docs, data: DataConfig) -> Tokenizer:
 
 
 def _manifest(tmp: Path, tokenizer: Tokenizer, data: DataConfig, files: list[SourceFile], fp: str) -> dict:
-    splits, bad = {}, []
+    splits, skipped = {}, []
     for split in ("train", "val", "bad"):
         shards = []
         for f in sorted((tmp / f"split={split}").glob("*.parquet")):
             if split == "bad":
-                bad += [b for b in pq.read_table(f, columns=["bad"]).column("bad").to_pylist() if b]
+                t = pq.read_table(f, columns=["bad", "bad_records"]).to_pydict()
+                skipped += [Skipped(what, n) for what, n in zip(t["bad"], t["bad_records"]) if what]
                 continue
             pf = pq.ParquetFile(f)
             units = [int(pa.compute.sum(pf.read_row_group(g, columns=["n_tokens"]).column(0)).as_py() or 0)
@@ -219,7 +298,7 @@ def _manifest(tmp: Path, tokenizer: Tokenizer, data: DataConfig, files: list[Sou
     return {"format": "raygpt-prepared", "format_version": FORMAT_VERSION, "fingerprint": fp,
             "source": data.source, "files": len(files), "tokenizer": tokenizer.kind,
             "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "settings": asdict(data),
-            "splits": splits, "bad_files": bad}
+            "splits": splits, "skipped": sorted(skipped, key=lambda s: s.what)}
 
 
 def load_manifest(folder: str | Path) -> dict:

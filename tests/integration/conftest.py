@@ -1,17 +1,22 @@
-"""One real Ray cluster for the whole test session: `ray start --head` on loopback with 2 CPUs, which
-driver-side tests join with ray.init(address=...) and job tests submit to. Stopped at the end."""
+"""One real Ray cluster for the whole test session: a head on loopback with 2 CPUs (raygpt.cluster.PrivateCluster:
+its own temp dir and free ports), which driver-side tests join with ray.init(address=...) and job tests submit
+to. Stopped at the end by its processes, never with `ray stop`: any other Ray cluster on the machine is left
+alone (test_ray_isolation checks it), and a watchdog stops this one if the test run dies without cleaning up."""
 
+import json
 import os
 import secrets
-import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from raygpt.cluster import PrivateCluster
+
 RAY = str(Path(sys.executable).parent / "ray")
-GCS_PORT, DASHBOARD_PORT = 6389, 8275
-DASHBOARD = f"http://127.0.0.1:{DASHBOARD_PORT}"
 
 # The session's cluster runs with Ray's token authentication, as a shared cluster should: a fresh token
 # for this session, in the environment of every side (the head, this driver, `ray job` CLI calls), so a
@@ -23,6 +28,9 @@ ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_DATA_DISABLE_PROG
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 # Now, not in the fixture: Ray reads its auth mode when it is first imported, which test modules do.
 os.environ.update(ENV)
+# A driver that a test starts without RAY_ADDRESS starts a local cluster of its own: keep its files out of
+# the machine's /tmp/ray too (Ray puts its temp root under RAY_TMPDIR).
+os.environ.setdefault("RAY_TMPDIR", "/tmp/rg-tests")
 
 
 def pytest_collection_modifyitems(items):
@@ -35,19 +43,47 @@ def pytest_collection_modifyitems(items):
 def ray_cluster():
     import ray
 
-    os.environ.update(ENV)
-    subprocess.run([RAY, "stop", "--force"], capture_output=True, env={**os.environ}, timeout=120)
-    out = subprocess.run([RAY, "start", "--head", "--num-cpus=2", f"--port={GCS_PORT}", "--dashboard-host=127.0.0.1",
-                          f"--dashboard-port={DASHBOARD_PORT}", "--include-dashboard=true", "--disable-usage-stats"],
-                         capture_output=True, text=True, env={**os.environ}, timeout=180)
-    assert out.returncode == 0, out.stdout + out.stderr
+    cluster = PrivateCluster(num_cpus=2, env=ENV).start()
+    # This driver and what it starts mean this cluster, as after a user's `export RAY_ADDRESS=...` (Ray's
+    # state API, which list_actors uses, would otherwise scan the machine and refuse to choose).
+    os.environ["RAY_ADDRESS"] = cluster.address
     try:
-        ray.init(address=f"127.0.0.1:{GCS_PORT}", logging_config=ray.LoggingConfig(log_level="WARNING"))
+        ray.init(address=cluster.address, logging_config=ray.LoggingConfig(log_level="WARNING"))
         ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False
         ctx.print_on_execution_start = False
-        yield {"address": f"127.0.0.1:{GCS_PORT}", "dashboard": DASHBOARD}
+        yield {"address": cluster.address, "dashboard": cluster.dashboard, "metrics": cluster.metrics,
+               "cluster": cluster}
     finally:
         ray.shutdown()
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, timeout=120)
+        cluster.stop()
+        os.environ.pop("RAY_ADDRESS", None)
 
+
+def get(url: str) -> str:
+    """GET from the session's head, with its Ray token (the dashboard refuses requests without it)."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as r:
+        return r.read().decode()
+
+
+def train_run(dashboard: str, name: str) -> dict | None:
+    """The run called ``name`` in the Train view's API (Ray Train V2), newest first; None until Train's
+    state actor exists (the API answers 500, "Train state data is not available", before any run that
+    tracks state has started)."""
+    try:
+        runs = json.loads(get(f"{dashboard}/api/train/v2/runs/v1"))["train_runs"]
+    except urllib.error.HTTPError as e:
+        if e.code == 500 and "not available" in e.read().decode():
+            return None
+        raise
+    return next((run for run in runs if run["name"] == name), None)
+
+
+def wait_for(probe, timeout: float, what: str):
+    """probe()'s first truthy value within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := probe()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(1)
+    return value

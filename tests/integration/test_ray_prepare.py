@@ -100,3 +100,61 @@ def test_bad_input_fails_before_work_and_leaves_nothing(ray_cluster, tmp_path):
         prepare(cfg_for(tmp_path, one, "data.val_fraction=0.01").data, print_fn=lambda s: None)
     leftovers = [p.name for p in (tmp_path / "prepared").iterdir()] if (tmp_path / "prepared").exists() else []
     assert leftovers == []  # no half-written folder, temporary or otherwise
+
+
+def json_corpus(tmp_path):
+    """Good records, and records that are not JSON or lack the text field, in .jsonl and .json files."""
+    root = tmp_path / "json"
+    root.mkdir()
+    good = [json.dumps({"text": f"good record {i} " * 10}) for i in range(20)]
+    (root / "a.jsonl").write_text("\n".join(good[:10] + ["{not json", json.dumps({"body": "no text"})]))
+    (root / "b.json").write_text(json.dumps([json.loads(g) for g in good[10:]] + [{"txt": "typo"}]))
+    (root / "many.jsonl").write_text("\n".join(["garbage"] * 8 + [json.dumps({"text": "the last good one " * 5})]))
+    return root
+
+
+def test_bad_json_records_are_skipped_and_listed_with_where(ray_cluster, tmp_path):
+    printed = []
+    out = prepare(cfg_for(tmp_path, json_corpus(tmp_path), "data.split=tail").data, print_fn=printed.append)
+    m = load_manifest(out)
+    assert m["skipped_files"] == [
+        "a.jsonl line 11: not valid JSON (Expecting property name enclosed in double quotes at column 2)",
+        "a.jsonl line 12: without field 'text' (its fields: body; set data.text_field)",
+        "b.json item 11: without field 'text' (its fields: txt; set data.text_field)",
+        "many.jsonl: 8 records skipped: 8 not valid JSON (Expecting value at column 1) at line 1, line 2, line 3, ..."]
+    assert m["skipped_records"] == 11
+    assert "0 files and 11 JSON records skipped" in printed[1]
+    assert [line for line in printed if line.startswith("prepare: skipped ")] == [
+        f"prepare: skipped {what}" for what in m["skipped_files"]]
+    text = prepared_tokenizer(out).decode(read_ids(out, "train") + read_ids(out, "val"))
+    # 21 documents, each cut in two by data.split=tail (its train part and its val part each end in end-of-text)
+    assert text.count("<|endoftext|>") == 2 * 21 and "good record 19" in text and "the last good one" in text
+    assert "typo" not in text and "not json" not in text
+
+
+def test_bad_json_records_stop_the_prepare_with_on_bad_file_fail(ray_cluster, tmp_path):
+    with pytest.raises(PrepareError, match=r"^0 files and 11 JSON records cannot be read \(data.on_bad_file=fail\): "
+                                           r"a.jsonl line 11: not valid JSON .*many.jsonl: 8 records skipped.*"
+                                           r"set data.on_bad_file=skip"):
+        prepare(cfg_for(tmp_path, json_corpus(tmp_path), "data.split=tail", "data.on_bad_file=fail").data,
+                print_fn=lambda s: None)
+    assert [p.name for p in (tmp_path / "prepared").iterdir()] == []  # no temporary folder left
+
+
+def test_prepare_removes_what_interrupted_prepares_left(ray_cluster, tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()  # its pid is now a process that is gone
+    prepared = tmp_path / "prepared"
+    dead = prepared / f".corpus-0123456789abcdef.tmp-{socket.gethostname()}-{child.pid}-0badc0de"
+    live = prepared / f".corpus-0123456789abcdef.tmp-{socket.gethostname()}-{os.getpid()}-00c0ffee"
+    for folder in (dead, live):
+        (folder / "split=train").mkdir(parents=True)
+    printed = []
+    out = prepare(cfg_for(tmp_path, corpus(tmp_path), "data.tokenizer=bytes").data, print_fn=printed.append)
+    assert printed[0] == f"prepare: removed {dead} left by an interrupted prepare (pid {child.pid})"
+    assert not dead.exists() and live.exists() and (out / "manifest.json").is_file()

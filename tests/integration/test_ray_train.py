@@ -2,7 +2,6 @@
 
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +11,7 @@ from raygpt.config import ConfigError, load_config
 from raygpt.distributed import train
 
 from tests.conftest import wandb_records
-from tests.integration.conftest import DASHBOARD, ENV
+from tests.integration.conftest import ENV, RAY, train_run
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=32", "train.batch_size=8",
@@ -64,15 +63,28 @@ def test_more_workers_than_the_cluster_has_fails_fast(ray_cluster, tmp_path):
         train(tiny(tmp_path, "ray.num_workers=3"), print_fn=lambda s: None)
 
 
+def test_a_prompt_the_corpus_cannot_encode_fails_before_the_trainer_starts(ray_cluster, tmp_path):
+    corpus = tmp_path / "abc.txt"
+    corpus.write_text("abc cab bca\n" * 3000)  # no 'd', 'e' or 'f' for sample.prompt='def '
+    with pytest.raises(ConfigError, match="sample.prompt='def ' cannot be encoded: 'd' "):
+        train(tiny(tmp_path, f"data.source={corpus}", "data.split=tail", "train.run_name=p"), print_fn=lambda s: None)
+    assert not (tmp_path / "runs" / "p").exists()  # no TorchTrainer, no run
+
+
 def test_ray_job_submit_trains_and_writes_a_loadable_checkpoint(ray_cluster, tmp_path):
     out_dir = tmp_path / "job-runs"
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", DASHBOARD, "--working-dir", str(ROOT),
+    cmd = [RAY, "job", "submit", "--address", ray_cluster["dashboard"], "--working-dir", str(ROOT),
            "--", "python", "jobs/train.py", "configs/default.yaml", *TINY, "train.run_name=job",
            f"train.out_dir={out_dir}", f"data.prepared_dir={tmp_path / 'prepared'}"]
     import os
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, **ENV}, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "succeeded" in out.stdout and "--- sample 1" in out.stdout
+    # raygpt turned on Ray Train's state tracking in the job's driver: the dashboard's Train view lists the
+    # run, finished, with its worker.
+    run = train_run(ray_cluster["dashboard"], "job")
+    assert run is not None and run["status"] == "FINISHED", run
+    assert [w["world_rank"] for w in run["attempts"][-1]["workers"]] == [0]
     gen = raygpt.load(out_dir / "job", device="cpu")
     assert isinstance(gen.generate("def ", max_new_tokens=10, seed=0), str)
 
@@ -81,10 +93,10 @@ def test_the_token_protected_head_refuses_a_submission_without_the_token(ray_clu
     """The session's head requires Ray's token (conftest.ENV); the job test above submits with it."""
     import os
 
-    cmd = [str(Path(sys.executable).parent / "ray"), "job", "submit", "--address", DASHBOARD, "--", "echo", "hi"]
+    cmd = [RAY, "job", "submit", "--address", ray_cluster["dashboard"], "--", "echo", "hi"]
     for env in ({"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": "0" * 64},  # a wrong token
                 {"RAY_AUTH_MODE": "disabled"}):  # none at all
-        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH") and k != "RAY_ADDRESS"}
         out = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=tmp_path,
                              env={**clean, "HOME": str(tmp_path), **env})  # HOME: no ~/.ray/auth_token
         said = out.stdout + out.stderr  # "Forbidden: Invalid authentication token" / "Unauthorized: Missing ..."

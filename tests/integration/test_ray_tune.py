@@ -3,6 +3,7 @@ on the session cluster, with tiny models."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from raygpt.config import load_config
 from raygpt.tune import run_tune
 from raygpt.tune_space import load_tune_config
 from tests.conftest import wandb_records
-from tests.integration.conftest import ENV
+from tests.integration.conftest import ENV, train_run, wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -81,8 +82,14 @@ def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluste
     assert gen.model.config.n_layer == saved.model.n_layer
     assert isinstance(gen.generate("def ", max_new_tokens=5, seed=0), str)
     assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The trials were Ray actors the dashboard lists (its Actors view reads this state API), one per trial.
+    # The trials were Ray actors the dashboard lists (its Actors view reads this state API), one per trial,
+    # and each trial's training run is in the dashboard's Train view under the trial's id.
     assert len(trial_actors() - earlier) == 5
+    # (Tune ends every trial, a finished one too, at its last report, before its TorchTrainer returns:
+    # the Train view shows them ABORTED.)
+    for row in out.rows:
+        wait_for(lambda: (train_run(ray_cluster["dashboard"], row.trial) or {}).get("status") in ("FINISHED", "ABORTED"),
+                 120, f"trial {row.trial}'s run, ended, in the Train view")
     # W&B: one run per trial (its id is the trial id), grouped under the experiment.
     for row in out.rows:
         runs = [r["data"] for r in wandb_records(exp / "runs" / row.trial) if r["kind"] == "run"]
@@ -140,3 +147,23 @@ def test_resume_after_the_driver_is_killed_does_not_repeat_finished_trials(ray_c
         assert (exp / f"trial-{t}" / "result.json").read_text() == before[t]
     with open(exp / "trials.csv") as f:
         assert len(f.read().strip().splitlines()) == 1 + 3
+
+
+def test_tune_on_its_own_local_cluster_prints_only_what_helps(ray_cluster, tmp_path):
+    """`jobs/tune.py` without RAY_ADDRESS, next to another Ray cluster (the session's), trials side by side:
+    every trial ends (Ray's own actors used to hang it, tripping over the other cluster), and what it
+    prints is raygpt's lines plus the Ray warning the README names, nothing else (no Tune box, no Optuna or
+    Ray Data lines, no tracebacks from a statistics actor that died with the first trial to end). No trial
+    is stopped early here: Tune ends those mid-step, and what Ray prints then is in the README."""
+    path = tune_yaml(tmp_path, samples=3, max_concurrent=2, grace_steps=40)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    out = subprocess.run([sys.executable, str(ROOT / "jobs/tune.py"), str(path), "tune.experiment=quiet"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    ours = ("ray: ", "prepare: ", "tune: ", "trial ", "table: ", "best config: ", "checkpoint: ", "plot: ")
+    table = r"^[0-9a-f]{8}  "  # the table's rows
+    known = r"^\x1b\[33m\(raylet\)\x1b\[0m WARNING: \d+ PYTHON worker processes have been started"
+    lines = [line for line in out.stdout.splitlines() if line.strip()]
+    assert [line for line in lines if not (line.startswith(ours) or re.match(table, line) or re.match(known, line))] == []
+    assert sum(line.startswith("tune: trial ") and " finished: " in line for line in lines) == 3
+    assert out.stderr.strip() == ""

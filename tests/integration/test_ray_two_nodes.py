@@ -2,9 +2,6 @@
 its own raylet, its own CPUs). Training places one worker on each node; losing the second node mid-run
 ends the run with an error, never a hang."""
 
-import os
-import signal
-import subprocess
 import threading
 import time
 
@@ -14,7 +11,6 @@ from ray.util.state import list_actors
 
 from raygpt.distributed import train
 
-from tests.integration.conftest import ENV, RAY
 from tests.integration.test_ray_train import tiny
 
 
@@ -32,23 +28,19 @@ def wait_for(predicate, timeout: float, what: str) -> None:
 
 @pytest.fixture
 def second_node(ray_cluster):
-    # --block keeps `ray start` in the foreground: signalling its process group stops this node only
-    # (`ray stop` would stop every Ray process on the machine, the head too).
-    proc = subprocess.Popen([RAY, "start", f"--address={ray_cluster['address']}", "--num-cpus=2",
-                             "--resources={\"second_node\": 1}", "--block", "--disable-usage-stats"],
-                            env={**os.environ, **ENV}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    # A second raylet in a session of its own (free ports, the head's temp dir): stopping it ends this
+    # node's processes only (`ray stop` would stop every Ray process on the machine, the head too).
+    cluster = ray_cluster["cluster"]
+    proc = cluster.add_node(num_cpus=2, resources='{"second_node": 1}')
     try:
         wait_for(lambda: len(alive_nodes()) == 2, 120, "the second node to join")
         yield proc
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=60)
+        cluster.stop_node(proc)
         wait_for(lambda: len(alive_nodes()) == 1, 120, "the second node to leave")
 
 
-def test_workers_on_two_nodes_then_losing_one_fails_cleanly(second_node, tmp_path):
+def test_workers_on_two_nodes_then_losing_one_fails_cleanly(ray_cluster, second_node, tmp_path):
     # 2 CPUs per worker and 2 CPUs per node: one worker on each node.
     over = ["ray.num_workers=2", "ray.cpus_per_worker=2", "ray.threads_per_worker=1", "train.max_steps=20",
             "train.checkpoint_interval=20", "train.eval_interval=20"]
@@ -78,7 +70,7 @@ def test_workers_on_two_nodes_then_losing_one_fails_cleanly(second_node, tmp_pat
                          for a in list_actors(filters=[("class_name", "=", "RayTrainWorker")], limit=1000)),
              180, "a training worker on the second node")
     time.sleep(5)  # training is under way
-    os.killpg(second_node.pid, signal.SIGTERM)
+    ray_cluster["cluster"].stop_node(second_node, timeout=2)  # the node's processes go, the head stays
     thread.join(timeout=300)
     assert not thread.is_alive(), "the run hung after losing a node"
     error = outcome.get("error") or outcome["result"].error

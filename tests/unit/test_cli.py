@@ -2,6 +2,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from raygpt.cli import main, split_config_args
 from raygpt.config import load_config
 
@@ -78,3 +80,39 @@ def test_tune_refuses_bad_input_before_ray_is_even_imported():
         out = subprocess.run([sys.executable, "-c", code, "tune", *args], capture_output=True, text=True)
         assert out.returncode == 2 and out.stdout.strip() == "no ray", out.stdout + out.stderr
         assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize("command, shows", [
+    ("train", ["raygpt train [-h] [--local] [--wandb] [CONFIG key=value ...]", "--local", "data.source=python-stdlib",
+               "model.n_layer=4", "train.global_batch_size=none", "ray.storage_path=none", "sample.prompt='def '"]),
+    ("prepare", ["raygpt prepare [-h] [CONFIG key=value ...]", "data.text_field=text", "data.on_bad_file=skip",
+                 "data.prepared_dir=data/prepared"]),
+    ("tune", ["--samples SAMPLES", "--resume", "tune.grace_steps=none", "tune.reduction_factor=3",
+              "train.max_steps=1200"]),
+    ("generate", ["checkpoint [prompt]", "--top-p TOP_P", "--device DEVICE"]),
+])
+def test_every_command_answers_help(capsys, command, shows):
+    for flag in ("--help", "-h"):
+        assert main([command, "model.n_layer=2", flag] if command != "generate" else [command, flag]) == 0
+        out = capsys.readouterr()
+        assert out.err == "" and out.out.startswith(f"usage: raygpt {command}")
+        for text in shows:
+            assert text in out.out, text
+
+
+def test_unknown_options_are_one_usage_line_not_a_config_file(capsys):
+    for command in ("train", "prepare", "tune", "generate"):
+        assert main([command, "--foo", "model.n_layer=2"]) == 2
+        out = capsys.readouterr()
+        assert out.out == "" and out.err == (f"raygpt {command}: error: unrecognized arguments: --foo; see raygpt "
+                                             f"{command} --help\n")
+
+
+def test_help_needs_no_ray():
+    code = ("import sys; from raygpt.cli import main\n"
+            "for command in ('prepare', 'train', 'tune', 'generate'):\n"
+            "    assert main([command, '--help']) == 0\n"
+            "print('ray imported' if 'ray' in sys.modules else 'no ray')")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert out.stdout.count("usage: raygpt") == 4 and out.stdout.rstrip().endswith("no ray")

@@ -92,3 +92,35 @@ def test_cache_and_recompute_agree_and_the_window_slides(trained):
 
 def test_empty_prompt_starts_a_new_document(trained):
     assert len(load(trained).generate("", max_new_tokens=10, seed=0)) > 0
+
+
+@pytest.mark.parametrize("args, says", [
+    (["--top-p", "1.5"], "--top-p=1.5 must be in (0, 1]"),
+    (["--temperature", "-1"], "--temperature=-1.0 must not be negative (0 is greedy)"),
+    (["--top-k", "0"], "--top-k=0 must be an integer of at least 1"),
+    (["--max-new-tokens", "-1"], "--max-new-tokens=-1 must be an integer of at least 0"),
+    (["--num-samples", "0"], "--num-samples=0 must be an integer of at least 1"),
+    (["--seed", "-1"], "--seed=-1 must be an integer from 0 to 2**63 - 1"),
+    (["--stop", ""], "--stop strings must be non-empty strings"),
+    (["--device", "nonsense"], "device='nonsense' is not a device; use auto, cpu, cuda, cuda:N or mps"),
+    (["--device", "cuda:99"], "device=cuda:99 but"),
+    (["déf", "--num-samples", "2"], "PROMPT='déf' cannot be encoded: 'é' (U+00E9) not in the char vocabulary"),
+])
+def test_the_cli_checks_every_argument_before_any_output(trained, capsys, args, says):
+    from raygpt.cli import main
+
+    prompt = [] if args[0] == "déf" else ["def "]
+    assert main(["generate", str(trained), *prompt, *args]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1 and says in out.err, out
+
+
+def test_generate_checks_its_arguments_before_the_first_token(trained):
+    gen = load(trained, device="cpu")
+    with pytest.raises(ValueError, match=r"^top_p=1.5 must be in \(0, 1\]"):
+        gen.generate("def ", top_p=1.5)
+    with pytest.raises(ValueError, match=r"^prompt='déf' cannot be encoded"):
+        gen.generate("déf", stream=True)  # at the call, not at the first piece
+    with pytest.raises(ValueError, match="prompt='x€' cannot be encoded"):
+        gen.generate(["def ", "x€"])
+    assert gen.generate("def ", max_new_tokens=0) == ""  # 0 new tokens: the same rule as sample.max_new_tokens

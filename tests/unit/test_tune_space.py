@@ -71,3 +71,19 @@ def test_bad_tune_settings_name_the_key(tmp_path, override, message):
 def test_a_missing_tune_config_says_so(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_tune_config(tmp_path / "nope.yaml")
+
+
+def test_asha_rungs_stay_below_the_last_step():
+    """ASHA judges trials at grace x factor^k below train.max_steps; a trial that reaches max_steps ends on
+    its own (never stopped at its last report), and grace = max_steps means no early stopping at all."""
+    from ray.tune.schedulers import FIFOScheduler
+
+    from raygpt.tune import _scheduler
+
+    def rungs(scheduler):
+        return sorted(milestone for milestone, _ in scheduler._brackets[0]._rungs)
+
+    assert rungs(_scheduler(10, 40, 2)) == [10, 20]
+    assert rungs(_scheduler(50, 450, 3)) == [50, 150]
+    assert isinstance(_scheduler(40, 40, 2), FIFOScheduler)
+    assert _scheduler(10, 40, 2)._stop_last_trials is False
