@@ -35,11 +35,13 @@ from raygpt.config import Config, ConfigError, grad_accum_steps, load_config  # 
 from raygpt.generate import generate_tokens  # noqa: E402
 from raygpt.model import GPT  # noqa: E402
 from raygpt.runs import build_training, device_for  # noqa: E402
-from raygpt.train import TokenBatches, autocast, lr_at, peak_flops, resolve_precision, train_step  # noqa: E402
+from raygpt.train import (TokenBatches, autocast, has_native_bf16, lr_at, peak_flops, resolve_precision,  # noqa: E402
+                          train_step)
 
 DEFAULT_VOCAB = 256  # when model.vocab_size is left to the tokenizer: a byte-sized vocabulary
 DATA_TOKENS = 2_000_000  # random ids to draw windows from; speed does not depend on the text
 GEN_REPEATS = 3  # generation timings are short bursts: the median of 3 per path
+CHUNK = 5  # training steps timed together, the device waited for once per chunk
 # --matrix rows: overrides on top of the command line's.
 MATRIX = {"fp32": ["train.precision=fp32", "train.compile=false"],
           "bf16": ["train.precision=bf16", "train.compile=false"],
@@ -70,7 +72,8 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)  # CUDA runs ahead of Python: wait before reading the clock
 
 
-def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int) -> dict:
+def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int,
+                     host_sync_each_step: bool = False) -> dict:
     """Time ``steps`` optimizer steps of the real train_step after ``warmup`` untimed ones."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -84,13 +87,22 @@ def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int)
     t.model.train()
 
     def run(first: int, n: int) -> tuple[list[float], dict]:
+        """Per-step times over chunks of CHUNK steps, as train_loop runs them: the host queues step after step
+        and waits for the device once per chunk (train_loop: once per report). With host_sync_each_step the
+        loss is read after every step instead, as raygpt did before: the host then never runs ahead."""
         times, metrics = [], {}
-        for step in range(first, first + n):
-            lr = lr_at(step, cfg.optim, tc.max_steps)
+        for chunk_start in range(first, first + n, CHUNK):
+            steps = range(chunk_start, min(chunk_start + CHUNK, first + n))
+            sync(device)
             start = time.perf_counter()
-            # train_step ends in .item(): a device sync, so the step has finished on the GPU when it returns.
-            metrics = train_step(t.model, t.optimizer, t.scaler, batches, grad_accum, lr, cfg.optim.grad_clip, amp)
-            times.append(time.perf_counter() - start)
+            for step in steps:
+                lr = lr_at(step, cfg.optim, tc.max_steps)
+                metrics = train_step(t.model, t.optimizer, t.scaler, batches, grad_accum, lr, cfg.optim.grad_clip,
+                                     amp)
+                if host_sync_each_step:
+                    float(metrics["loss"])
+            sync(device)
+            times += [(time.perf_counter() - start) / len(steps)] * len(steps)
         return times, metrics
 
     sync(device)
@@ -107,7 +119,7 @@ def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int)
             "tokens_per_s": tokens_per_step / step_s,
             # The same MFU as train_loop reports: model FLOPs per token x tokens/s over the device's peak.
             "mfu": t.flops_per_token * tokens_per_step / step_s / peak if peak else None,
-            "peak_flops": peak, "final_loss": metrics["loss"],
+            "peak_flops": peak, "final_loss": float(metrics["loss"]),
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
@@ -119,14 +131,13 @@ def measure_generation(cfg: Config, device: torch.device, precision: str, n_toke
     # The plain model even with train.compile: generation changes shapes every token, and the cache path is
     # what is measured here, not compiled decoding.
     model = GPT(cfg.model).to(device).eval()  # random weights: the cost per token does not depend on them
-    amp = lambda: autocast(device, precision)  # noqa: E731
     block = cfg.model.block_size
 
     def timed(n: int, use_cache: bool) -> tuple[list[int], float]:
         sync(device)
         start = time.perf_counter()
         # generate_tokens yields int(id): a sync per token, so the clock stops after the last one.
-        ids = list(generate_tokens(model, [0], n, temperature=0, use_cache=use_cache, amp=amp))
+        ids = list(generate_tokens(model, [0], n, temperature=0, use_cache=use_cache, precision=precision))
         return ids, n / (time.perf_counter() - start)
 
     for use_cache in (True, False):  # warm-up: first kernel launches, the allocator
@@ -184,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gen-tokens", type=int, default=256, help="tokens for the within-block measurement "
                    "(capped at block_size; 0 skips generation)")
     p.add_argument("--matrix", action="store_true", help="train rows for fp32, bf16 and bf16+compile")
+    p.add_argument("--host-sync", action="store_true", help="each row twice: as train_loop runs (the device "
+                   "waited for at reports) and reading the loss after every step (raygpt before 2026-11-29)")
     p.add_argument("--out", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0 or args.gen_tokens < 0:
@@ -212,15 +225,17 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for name, extra in (MATRIX if args.matrix else single).items():
         # The matrix's bf16 rows are GPU figures; asked for by name (train.precision=bf16) a row always runs.
-        if args.matrix and "bf16" in name and (device.type != "cuda" or not torch.cuda.is_bf16_supported()):
+        if args.matrix and "bf16" in name and (device.type != "cuda" or not has_native_bf16(device)):
             result["notes"].append(f"{name}: skipped (bf16 rows are GPU measurements; this device is {device.type})")
             continue
-        r = measure_training(bench_config(path, overrides + extra), device, args.steps, args.warmup)
-        result["train"].append({"name": name, **r})
-        rows.append(train_row(name, r))
-        if not math.isfinite(r["final_loss"]):
-            result["notes"].append(f"{name}: loss is {r['final_loss']} (precision trouble, not a speed figure)")
-    print(f"\ntraining: median of {args.steps} timed steps after {args.warmup} warm-up steps")
+        for each_step in (False, True) if args.host_sync else (False,):
+            label = name + (" + host sync each step" if each_step else "")
+            r = measure_training(bench_config(path, overrides + extra), device, args.steps, args.warmup, each_step)
+            result["train"].append({"name": label, "host_sync_each_step": each_step, **r})
+            rows.append(train_row(label, r))
+            if not math.isfinite(r["final_loss"]):
+                result["notes"].append(f"{label}: loss is {r['final_loss']} (precision trouble, not a speed figure)")
+    print(f"\ntraining: median of {args.steps} timed steps (in chunks of {CHUNK}) after {args.warmup} warm-up steps")
     print(table(["run", "precision", "compile", "params", "tokens/step", "ms/step", "(mean)", "tokens/s", "MFU",
                  "peak mem", "loss", "warm-up s"], rows))
 

@@ -186,6 +186,15 @@ def _die_mid_upload(saved: Path, dest: Path) -> None:
     os._exit(1)
 
 
+def gather(item, world: int) -> list:
+    """``item`` of every rank, in rank order (a collective: every rank calls it)."""
+    if world == 1 or not torch.distributed.is_initialized():
+        return [item]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, item)
+    return out
+
+
 def train_func(config: dict) -> None:
     """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train."""
     clock = dict(config.get("clock") or {}, worker=time.time())  # bench loops may pass none
@@ -208,7 +217,7 @@ def train_func(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
         candidates = [Path(p) for p in (d, newest) if p is not None]
         resume = max(candidates, key=lambda p: read_meta(p)["step"], default=None)
-        t = build_training(cfg, device, resume=resume)
+        t = build_training(cfg, device, resume=resume, rank=rank, world=world)
     model = ray.train.torch.prepare_model(t.model) if world > 1 else t.model
     position = dict(t.data_state)  # updated by the iterator as epochs go by
     train_batches = _train_batches(cfg, config["train_units"], t.state.tokens_seen, position)
@@ -221,6 +230,8 @@ def train_func(config: dict) -> None:
     if rank == 0:
         say(f"train: {world} worker(s) on {device} {t.precision}"
             + (f", resuming at step {t.state.step}" if resume is not None else ""))
+        if t.note:
+            say(f"resume: {t.note}")
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
     gauges = RayMetrics(cfg.train.run_name, rank)  # Prometheus/Grafana, through Ray's metrics export
@@ -238,12 +249,14 @@ def train_func(config: dict) -> None:
                 tracker.log(metrics)
             if "val_loss" in metrics:
                 report_sample(model, tokenizer, cfg, t.precision, state.step, say, tracker)
+        # Each rank's own random state goes into the checkpoint (rank 0 writes it): gathered from all ranks.
+        rng = {"ranks": gather(rng_state(device), world)} if checkpoint else None
         if not checkpoint or rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, tokenizer, optimizer=t.optimizer,
-                                   scaler=t.scaler, train_state=state, rng=rng_state(),
+                                   scaler=t.scaler, train_state=state, rng=rng,
                                    data_state=dict(position), metrics=metrics)
             if cfg.ray.fail_at_step is not None and _fault_due(cfg, config["run_path"], 0, state.step, "checkpoint"):
                 _die_mid_upload(path, Path(config["run_path"]) / f"step_{state.step:06d}")
@@ -252,7 +265,7 @@ def train_func(config: dict) -> None:
 
     try:
         train_loop(cfg, model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state, device=device,
-                   precision=t.precision, world_size=world, flops_per_token=t.flops_per_token)
+                   precision=t.precision, world_size=world, rank=rank, flops_per_token=t.flops_per_token)
     finally:
         if tracker:
             tracker.finish()

@@ -56,8 +56,10 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
 def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     generator: Optional[torch.Generator] = None, use_cache: bool = True,
-                    amp=None, cache_dtype: Optional[torch.dtype] = None) -> Iterator[int]:
-    """Yield up to max_new_tokens ids continuing ``ids``.
+                    precision: str = "fp32") -> Iterator[int]:
+    """Yield up to max_new_tokens ids continuing ``ids``, under ``precision``'s autocast (fp32, bf16, fp16)
+    with the KV cache in the dtype attention computes in: the one decoding path of raygpt.load().generate,
+    the eval samples and the benchmarks.
 
     The context is the last block_size tokens. With the KV cache each new token costs one position;
     when the cache is full the window slides: the cache is refilled from the last 3/4 block_size tokens
@@ -65,13 +67,14 @@ def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, tempera
     refill cost is paid once every block_size/4 tokens."""
     block = model.config.block_size
     device = next(model.parameters()).device
-    amp = amp or (lambda: torch.autocast(device.type, enabled=False))
+    amp = lambda: autocast(device, precision)  # noqa: E731 (entered anew for each token)
     tokens = list(ids)[-block:]
     cache = None
     if use_cache:
         # The dtype attention computes in (bf16 under autocast): a cache in fp32 would cost twice the
         # memory and a cast of the whole cache per layer per token.
-        cache = KVCache.empty(model.config, 1, device, cache_dtype or next(model.parameters()).dtype)
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, next(model.parameters()).dtype)
+        cache = KVCache.empty(model.config, 1, device, dtype)
     keep = max(1, block - block // 4)
     context = tokens
     for _ in range(max_new_tokens):
@@ -164,10 +167,8 @@ class TextGenerator:
         generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         new_ids: list[int] = []
         emitted = 0
-        amp = lambda: autocast(self.device, self.precision)  # noqa: E731
-        cache_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
         for next_id in generate_tokens(self.model, ids, max_new_tokens, temperature, top_k, top_p,
-                                       generator, use_cache, amp, cache_dtype):
+                                       generator, use_cache, self.precision):
             if next_id == self.tokenizer.eot_id:
                 break
             new_ids.append(next_id)

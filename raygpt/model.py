@@ -166,8 +166,10 @@ class GPT(nn.Module):
         return n
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
-        """Training FLOPs per token (forward + backward): 6N for the matmuls plus attention's
-        12 * n_layer * n_embd * T (PaLM appendix B)."""
+        """Training FLOPs per token (forward + backward): 6N over the N weights of matmuls (every Linear,
+        the output head included; not the embedding lookups, biases or LayerNorms) plus attention's
+        12 * n_layer * n_embd * T (PaLM appendix B). The same whether the head is tied to wte or not."""
         c = self.config
         T = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_embd * T
+        matmul = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        return 6 * matmul + 12 * c.n_layer * c.n_embd * T

@@ -23,8 +23,8 @@ from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.generate import check_prompt, generate_tokens
-from raygpt.train import (TrainState, autocast, configure_optimizer, make_scaler, resolve_device,
-                          resolve_precision, rng_state, set_rng_state)
+from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_device,
+                          resolve_precision, rng_state, seed_rank, set_rng_state)
 
 
 def name_run(cfg: Config) -> str:
@@ -86,10 +86,14 @@ class Training:
     device: torch.device
     precision: str
     flops_per_token: float
+    note: str = ""  # what a resume could not carry over exactly (printed by the caller)
 
 
-def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = None) -> Training:
-    """Model, optimizer and scaler from cfg (model.vocab_size must be set), restored from ``resume``."""
+def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = None, rank: int = 0,
+                   world: int = 1) -> Training:
+    """Model, optimizer and scaler from cfg (model.vocab_size must be set), restored from ``resume``, for
+    data-parallel rank ``rank`` of ``world``: every rank builds the same initial weights, then draws from
+    random streams of its own (seed + rank), saved and restored per rank (rank_states)."""
     precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         # fp32 matmuls on tensor cores (TF32), as nanoGPT does; the MFU table's fp32 peak assumes it.
@@ -97,7 +101,8 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
-    state, data_state, rng = TrainState(), {}, None
+    seed_rank(cfg.train.seed, rank)
+    state, data_state, note = TrainState(), {}, ""
     if resume is not None:
         saved_model, _, _, saved = load_checkpoint(resume, device=device)
         model.load_state_dict(saved_model.state_dict())
@@ -106,11 +111,27 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     if resume is not None:
         state, rng, data_state = restore_training(saved, optimizer, scaler)
         state.resumed_from.append(state.step)
-        set_rng_state(rng)
+        saved_states = rank_states(rng)
+        if rank < len(saved_states):
+            set_rng_state(saved_states[rank], device)
+        else:
+            seed_rank(cfg.train.seed, rank, state.step)
+        if len(saved_states) != world:
+            note = (f"the checkpoint holds the random state of {len(saved_states)} rank(s) and this run has {world}"
+                    + (f": ranks {len(saved_states)}-{world - 1} start fresh streams (seed, rank, step)"
+                       if world > len(saved_states) else "")
+                    + "; dropout masks from here differ from an uninterrupted run's")
     flops = model.flops_per_token()
     if cfg.train.compile:
         model = torch.compile(model)
-    return Training(model, optimizer, scaler, state, data_state, device, precision, flops)
+    return Training(model, optimizer, scaler, state, data_state, device, precision, flops, note)
+
+
+def rank_states(rng: dict) -> list[dict]:
+    """The per-rank random states a checkpoint holds ({"ranks": [...]}; before per-rank states: one)."""
+    if not rng:
+        return []
+    return list(rng["ranks"]) if "ranks" in rng else [rng]
 
 
 def find_resume(cfg: Config, path: Path, tokenizer: Optional[Tokenizer] = None) -> Optional[Path]:
@@ -147,7 +168,8 @@ def save_run_checkpoint(path: Path, cfg: Config, tokenizer: Tokenizer, t: Traini
     """Write step_NNNNNN in the run folder (the layout Ray Train writes too) and keep the newest
     train.keep_checkpoints."""
     ckpt = save_checkpoint(path / f"step_{t.state.step:06d}", t.model, cfg, tokenizer,
-                           optimizer=t.optimizer, scaler=t.scaler, train_state=t.state, rng=rng_state(),
+                           optimizer=t.optimizer, scaler=t.scaler, train_state=t.state,
+                           rng={"ranks": [rng_state(t.device)]},
                            data_state=data_state, metrics=metrics)
     prune_checkpoints(path, cfg.train.keep_checkpoints)
     return ckpt
@@ -187,7 +209,7 @@ def eval_sample(model: nn.Module, tokenizer: Tokenizer, cfg: Config, precision: 
     try:
         ids = generate_tokens(raw, tokenizer.encode(s.prompt) or [tokenizer.eot_id], s.eval_tokens, s.temperature,
                               s.top_k, s.top_p, generator=torch.Generator(device=device).manual_seed(s.seed),
-                              amp=lambda: autocast(device, precision))
+                              precision=precision)
         return s.prompt + tokenizer.decode(list(ids))
     finally:
         raw.train(was_training)

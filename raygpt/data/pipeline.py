@@ -41,11 +41,12 @@ from raygpt.data.sources import (PrepareError, Skipped, SourceFile, check_writab
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: val rows in the sources' order (doc, chunk columns)
 CHUNK_TOKENS = 4096  # tokens per Parquet row
 UNIT_ROWS = 2  # rows per Parquet row group: the unit of reading and of the per-epoch shuffle (8k tokens)
 ROWS_PER_FILE = 128  # 64 row groups per file, so opening a file to read one unit stays cheap
 PARQUET_EXT = (".parquet",)
+RECORDS = 2**24  # documents of one file (its JSON records) at most, for the order of documents
 STALE_SECONDS = 24 * 3600  # another host's temporary folder untouched this long is taken as abandoned
 
 
@@ -62,22 +63,24 @@ def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
 # --------------------------------------------------------------------------- Ray Data stages (run in tasks)
 
 
-def _parse(batch: dict, text_field: str, max_chars: Optional[int]) -> dict:
+def _parse(batch: dict, text_field: str, max_chars: Optional[int], file_order: dict) -> dict:
     """Raw files -> document rows (a text file is one, a JSON record one: sources.parse_file, as the local
-    loop reads them); what is skipped becomes rows with `bad` (what) and `bad_records` set."""
-    rows = {"name": [], "text": [], "bad": [], "bad_records": []}
+    loop reads them); what is skipped becomes rows with `bad` (what) and `bad_records` set. `order` is a
+    document's place in the sources (file, then record), which the val split is put back into."""
+    rows = {"name": [], "text": [], "bad": [], "bad_records": [], "order": []}
 
-    def add(name: str, text: str, bad: str = "", bad_records: int = 0) -> None:
-        for key, value in zip(rows, (name, text, bad, bad_records)):
+    def add(name: str, text: str, bad: str = "", bad_records: int = 0, order: int = 0) -> None:
+        for key, value in zip(rows, (name, text, bad, bad_records, order)):
             rows[key].append(value)
 
     for raw, name in zip(batch["bytes"], batch["name"]):
         docs, skipped = parse_file(raw, name, text_field)
-        for doc in docs:
-            add(doc.name, doc.text[:max_chars] if max_chars else doc.text)
+        for k, doc in enumerate(docs):
+            add(doc.name, doc.text[:max_chars] if max_chars else doc.text, order=file_order[name] * RECORDS + k)
         for s in skipped:
             add(name, "", s.what, s.records)
-    return {key: np.array(values, dtype=np.int64 if key == "bad_records" else object) for key, values in rows.items()}
+    return {key: np.array(values, dtype=np.int64 if key in ("bad_records", "order") else object)
+            for key, values in rows.items()}
 
 
 def _charset(batch: dict) -> dict:
@@ -88,16 +91,22 @@ def _charset(batch: dict) -> dict:
 
 
 def _tokenize(batch: dict, tokenizer: Tokenizer, data: DataConfig) -> dict:
-    """Documents -> chunks of at most CHUNK_TOKENS ids per split, each document followed by end-of-text."""
+    """Documents -> chunks of at most CHUNK_TOKENS ids per split, each document followed by end-of-text.
+    Each chunk keeps (`doc`, `chunk`): the order of the batch's first document and its place among the
+    batch's chunks, by which _put_in_order restores the sources' order."""
     per_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    rows = {"split": [], "tokens": [], "bad": [], "bad_records": []}
+    rows = {"split": [], "tokens": [], "bad": [], "bad_records": [], "chunk": []}
     eot = np.array([tokenizer.eot_id], dtype=np.int32)
-    for name, text, bad, bad_records in zip(batch["name"], batch["text"], batch["bad"], batch["bad_records"]):
+    by_order = np.argsort(batch["order"], kind="stable")
+    first = int(batch["order"][by_order[0]]) if len(by_order) else 0
+    for i in by_order:
+        name, text, bad, bad_records = batch["name"][i], batch["text"][i], batch["bad"][i], batch["bad_records"][i]
         if bad:
             rows["split"].append("bad")
             rows["tokens"].append(np.zeros(0, dtype=np.int32))
             rows["bad"].append(bad)
             rows["bad_records"].append(int(bad_records))
+            rows["chunk"].append(0)
             continue
         if not text:
             continue  # an empty file is no document (the local loop skips it too)
@@ -107,21 +116,43 @@ def _tokenize(batch: dict, tokenizer: Tokenizer, data: DataConfig) -> dict:
         if not arrays:
             continue
         ids = np.concatenate(arrays)
-        for start in range(0, len(ids), CHUNK_TOKENS):
+        for chunk, start in enumerate(range(0, len(ids), CHUNK_TOKENS)):
             rows["split"].append(split)
             rows["tokens"].append(ids[start:start + CHUNK_TOKENS])
             rows["bad"].append("")
             rows["bad_records"].append(0)
+            rows["chunk"].append(chunk)
     # A plain list<int32> column (any Parquet reader sees token ids), built from offsets without copies.
     lengths = np.array([len(t) for t in rows["tokens"]], dtype=np.int32)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
     values = np.concatenate(rows["tokens"]) if rows["tokens"] else np.zeros(0, dtype=np.int32)
     tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
     return pa.table({"split": rows["split"], "tokens": tokens, "n_tokens": lengths, "bad": rows["bad"],
-                     "bad_records": pa.array(rows["bad_records"], type=pa.int64())})
+                     "bad_records": pa.array(rows["bad_records"], type=pa.int64()),
+                     "doc": pa.array([first] * len(lengths), type=pa.int64()),
+                     "chunk": pa.array(rows["chunk"], type=pa.int32())})
 
 
 # --------------------------------------------------------------------------- the pipeline
+
+
+def _put_in_order(folder: Path) -> None:
+    """Rewrite a split's shards with their rows in the sources' order (by `doc`, `chunk`) unless they are
+    already. Done for val: its token stream is then the local loop's, document for document, so both paths
+    evaluate on the same fixed windows. (Val is a small share of the corpus; this reads it once.)"""
+    files = sorted(folder.glob("*.parquet"))
+    if not files:
+        return
+    table = pa.concat_tables([pq.read_table(f) for f in files])
+    keys = np.lexsort((table.column("chunk").to_numpy(), table.column("doc").to_numpy()))
+    if np.array_equal(keys, np.arange(len(keys))):
+        return
+    table = table.take(pa.array(keys))
+    for f in files:
+        f.unlink()
+    for i, start in enumerate(range(0, table.num_rows, ROWS_PER_FILE)):
+        pq.write_table(table.slice(start, ROWS_PER_FILE), folder / f"ordered-{i:06d}.parquet",
+                       row_group_size=UNIT_ROWS)
 
 
 def prepare(data: DataConfig, print_fn=print) -> Path:
@@ -143,8 +174,12 @@ def prepare(data: DataConfig, print_fn=print) -> Path:
     try:
         ds = docs.map_batches(_tokenize, fn_kwargs={"tokenizer": tokenizer, "data": data}, batch_format="numpy",
                               batch_size=16)
+        # Shards in the sources' order as far as Ray Data keeps it (it does not always: _put_in_order makes
+        # sure of it for the val split).
+        ds.context.execution_options.preserve_order = True
         ds.write_parquet(str(tmp.resolve()), partition_cols=["split"], row_group_size=UNIT_ROWS,
                          max_rows_per_file=ROWS_PER_FILE)
+        _put_in_order(tmp / "split=val")
         manifest = _manifest(tmp, tokenizer, data, files, fp)
         skipped = manifest.pop("skipped")
         if skipped and data.on_bad_file == "fail":
@@ -245,7 +280,9 @@ def _documents(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig):
         raw = ray.data.read_binary_files(raw_files, filesystem=fs, include_paths=True)
         raw = raw.map_batches(lambda b: {"bytes": b["bytes"], "name": np.array(
             [names.get(p, names.get("/" + p, p)) for p in b["path"]], dtype=object)}, batch_format="numpy")
-        parts.append(raw.map_batches(_parse, fn_kwargs={"text_field": data.text_field, "max_chars": data.max_chars},
+        file_order = {f.name: i for i, f in enumerate(files)}
+        parts.append(raw.map_batches(_parse, fn_kwargs={"text_field": data.text_field, "max_chars": data.max_chars,
+                                                        "file_order": file_order},
                                      batch_format="numpy"))
     parquet = [f.path for f in files if f.path.endswith(PARQUET_EXT)]
     if parquet:
@@ -255,13 +292,15 @@ def _documents(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig):
 
 
 def _records(table, field: str) -> dict:
-    """Parquet rows -> {name, text, bad, bad_records}; a document's name is a hash of its text (no path)."""
+    """Parquet rows -> {name, text, bad, bad_records, order}; a document's name is a hash of its text (no path)."""
     if field not in table.column_names:
         raise PrepareError(f"no field {field!r} in the records (fields: {', '.join(table.column_names)}); "
                            f"set data.text_field")
     texts = [t or "" for t in table.column(field).to_pylist()]
     return {"name": np.array([record_name(t) for t in texts], dtype=object), "text": np.array(texts, dtype=object),
-            "bad": np.array([""] * len(texts), dtype=object), "bad_records": np.zeros(len(texts), dtype=np.int64)}
+            "bad": np.array([""] * len(texts), dtype=object), "bad_records": np.zeros(len(texts), dtype=np.int64),
+            # Parquet rows come after the text and JSON files, in the order Ray Data reads them.
+            "order": np.full(len(texts), 2**62, dtype=np.int64)}
 
 
 def _build_tokenizer(docs, data: DataConfig) -> Tokenizer:

@@ -5,19 +5,23 @@ Ray Train restarts the worker group from the latest checkpoint (ray.max_failures
 the same command resumes it. Every step is checkpointed, so each step's loss is in its meta.json."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 import raygpt
 from raygpt.checkpoint import latest_checkpoint, load_checkpoint, verify
 from raygpt.cli import main
 from raygpt.distributed import train
+from raygpt.local import train_local
 
 from tests.integration.test_ray_train import TINY, tiny
 
+# Dropout on: each rank draws its own masks, so a resume is exact only if every rank gets its own RNG back.
 EVERY_STEP = ["train.max_steps=10", "optim.warmup_steps=2", "train.checkpoint_interval=1", "train.log_interval=1",
-              "train.eval_interval=10", "train.eval_steps=1", "train.keep_checkpoints=20"]
+              "train.eval_interval=10", "train.eval_steps=1", "train.keep_checkpoints=20", "model.dropout=0.2"]
 
 
 def losses(run: Path) -> dict[int, float]:
@@ -34,14 +38,19 @@ def resumed_from(run: Path) -> list[int]:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(ray_cluster, tmp_path_factory):
-    """The reference: 2 workers, 10 steps, no failure."""
+def reference(ray_cluster, tmp_path_factory):
+    """The reference: 2 workers, 10 steps, no failure; (its run folder, its losses by step)."""
     tmp = tmp_path_factory.mktemp("reference")
     result = train(tiny(tmp, *EVERY_STEP, "ray.num_workers=2", "train.run_name=ref"), print_fn=lambda s: None)
     assert result.error is None
     run = tmp / "runs" / "ref"
     assert sorted(losses(run)) == list(range(1, 11)) and resumed_from(run) == []
-    return losses(run)
+    return run, losses(run)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(reference):
+    return reference[1]
 
 
 def assert_same_losses(run: Path, reference: dict, from_step: int) -> None:
@@ -96,3 +105,22 @@ def test_a_crash_while_writing_a_checkpoint_keeps_the_previous_one(ray_cluster, 
     assert result.error is None and result.metrics["step"] == 6
     assert resumed_from(run) == [4]
     verify(partial)  # written again, whole
+
+
+def test_a_checkpoint_of_two_workers_resumes_in_one_worker_and_locally(reference, tmp_path):
+    """Each rank's random state is saved; a run resumed by fewer ranks takes what it can, says what it
+    could not carry over, and trains on (Ray with 1 worker, and --local in this process)."""
+    run, _ = reference
+    state = torch.load(run / "step_000006" / "trainer_state.pt", weights_only=True)
+    assert len(state["rng"]["ranks"]) == 2  # rank 0's and rank 1's
+    assert not torch.equal(state["rng"]["ranks"][0]["torch"], state["rng"]["ranks"][1]["torch"])
+    for name in ("one", "local"):
+        shutil.copytree(run / "step_000006", tmp_path / "runs" / name / "step_000006")
+    lines = []
+    result = train(tiny(tmp_path, *EVERY_STEP, "ray.num_workers=1", "train.run_name=one"), print_fn=lines.append)
+    assert result.error is None and result.metrics["step"] == 10 and resumed_from(tmp_path / "runs" / "one") == [6]
+    lines = []
+    local = train_local(tiny(tmp_path, *EVERY_STEP, "train.run_name=local", "train.device=cpu"), print_fn=lines.append)
+    assert local.metrics[-1]["step"] == 10 and resumed_from(tmp_path / "runs" / "local") == [6]
+    assert any(line.startswith("resume: the checkpoint holds the random state of 2 rank(s) and this run has 1")
+               for line in lines), lines

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -158,3 +159,29 @@ def test_prepare_removes_what_interrupted_prepares_left(ray_cluster, tmp_path):
     out = prepare(cfg_for(tmp_path, corpus(tmp_path), "data.tokenizer=bytes").data, print_fn=printed.append)
     assert printed[0] == f"prepare: removed {dead} left by an interrupted prepare (pid {child.pid})"
     assert not dead.exists() and live.exists() and (out / "manifest.json").is_file()
+
+
+def test_the_val_batches_are_the_same_for_ray_and_local(ray_cluster, tmp_path):
+    """Ray's prepare writes the val split in the sources' order, so the fixed val batches a Ray worker
+    draws (from its in-order stream of val units) are the ones the local loop draws from its val array."""
+    from raygpt.data.corpus import prepare_arrays
+    from raygpt.data.pipeline import read_units, split_units
+    from raygpt.data.windows import fixed_batches
+
+    root = tmp_path / "many"
+    root.mkdir()
+    for i in range(80):  # many files: many read tasks and tokenize batches, whose order Ray Data may change
+        (root / f"f{i:03d}.py").write_text(f"def f{i}(x):\n" + f"    return x * {i} + {i % 7}  # line\n" * (3 + i % 11))
+    cfg = cfg_for(tmp_path, root, "data.val_fraction=0.3")
+    prepared = prepare(cfg.data, print_fn=lambda s: None)
+    ray_tok, val_units = prepared_tokenizer(prepared), split_units(prepared, "val")
+    ray_val = read_units([(path, group) for path, group, _ in val_units])
+    local_tok, _, local_val = prepare_arrays(cfg.data)
+    assert sum(len(a) for a in ray_val) == len(local_val) == load_manifest(prepared)["splits"]["val"]["tokens"]
+    ray_text = ray_tok.decode(list(np.concatenate(ray_val)))
+    assert ray_text == local_tok.decode(list(local_val))  # the same documents, in the same order
+    picks = dict(block_size=32, batch_size=4, steps=3, seed=1)
+    ray_batches = fixed_batches(ray_val, len(local_val), **picks)
+    local_batches = fixed_batches([local_val], len(local_val), **picks)
+    for (rx, _), (lx, _) in zip(ray_batches, local_batches):
+        assert [ray_tok.decode(r.tolist()) for r in rx] == [local_tok.decode(r.tolist()) for r in lx]

@@ -33,21 +33,23 @@ def test_a_prompt_the_corpus_cannot_encode_stops_the_run_before_any_step(tmp_pat
     check_sample_prompt(tiny_config(tmp_path, "sample.prompt=cab"), tok)  # one it can encode passes
 
 
-def test_storage_that_cannot_be_written_is_one_line_before_ray_starts(capsys, tmp_path):
-    import ray
+def test_storage_that_cannot_be_written_is_one_line_before_ray_starts(capsys, tmp_path, monkeypatch):
+    import raygpt.distributed
 
+    connected = []  # (ray.is_initialized() would not do: the integration tests' session cluster may be up)
+    monkeypatch.setattr(raygpt.distributed, "connect", lambda *a, **k: connected.append(1))
     assert main(["train", "ray.storage_path=/proc/nope/runs"]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("raygpt train: error: ray.storage_path='/proc/nope/runs' cannot "
                                                    "be written to (No such file or directory: /proc/nope)"), err
-    assert not ray.is_initialized()  # stopped before connect(): no cluster started or joined
+    assert not connected  # stopped before connect(): no cluster started or joined
     assert main(["train", "train.out_dir=/proc/nope"]) == 2  # the default storage
     assert "train.out_dir='/proc/nope' cannot be written to" in capsys.readouterr().err
     assert main(["train", "--local", "train.out_dir=/proc/nope"]) == 2  # the --local run folder
     assert "train.out_dir='/proc/nope' cannot be written to" in capsys.readouterr().err
     assert main(["train", "ray.storage_path=relative/runs"]) == 2  # Ray Train resolves it on every node
     assert "ray.storage_path='relative/runs' must be an absolute path or a URI" in capsys.readouterr().err
-    assert not ray.is_initialized()
+    assert not connected
 
 
 def test_check_writable_creates_the_folder_or_says_why_not(tmp_path):

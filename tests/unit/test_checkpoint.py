@@ -124,3 +124,44 @@ def test_resume_refuses_a_different_model(tmp_path, tiny_arrays):
     train_local(tiny_config(tmp_path, "train.run_name=r", "train.max_steps=10"), tiny_arrays, print_fn=lambda s: None)
     with pytest.raises(ConfigError, match="model.n_layer was 2"):
         train_local(tiny_config(tmp_path, "train.run_name=r", "model.n_layer=3"), tiny_arrays, print_fn=lambda s: None)
+
+
+def test_each_rank_draws_its_own_dropout_masks_from_the_same_weights(tmp_path):
+    """Data-parallel ranks start from identical weights but must not share dropout masks (seed + rank).
+    Built one after the other here, as two processes would build them."""
+    from raygpt.runs import build_training
+
+    cfg = tiny_config(tmp_path, "model.dropout=0.2", "model.vocab_size=40")
+    x = torch.randint(0, 40, (4, 16), generator=torch.Generator().manual_seed(0))
+    weights, outputs = [], []
+    for rank in (0, 1):
+        t = build_training(cfg, torch.device("cpu"), rank=rank, world=2)
+        t.model.train()
+        weights.append([p.detach().clone() for p in t.model.parameters()])
+        outputs.append(t.model(x)[0])
+    assert all(torch.equal(a, b) for a, b in zip(*weights))
+    assert not torch.allclose(outputs[0], outputs[1])  # different masks on the same input and weights
+
+
+def test_a_checkpoint_holds_every_ranks_random_state_and_each_rank_takes_its_own(tmp_path, tiny_arrays):
+    """Saved per rank (CPU and the rank's own device only); a resume into fewer ranks takes the states it
+    can and says what it could not carry over."""
+    from raygpt.runs import build_training
+    from raygpt.train import rng_state, seed_rank
+
+    cfg = tiny_config(tmp_path, "train.run_name=r", "train.max_steps=6", "train.checkpoint_interval=6")
+    result = train_local(cfg, tiny_arrays, print_fn=lambda s: None)
+    state = torch.load(result.checkpoint / "trainer_state.pt", weights_only=True)
+    assert len(state["rng"]["ranks"]) == 1 and "cuda" not in state["rng"]["ranks"][0]
+    # The same checkpoint as two ranks would write it: rank 1's stream drawn from seed + 1.
+    seed_rank(cfg.train.seed, 1)
+    torch.rand(7)
+    state["rng"]["ranks"].append(rng_state())
+    expected_rank1 = torch.rand(5)
+    model = load_checkpoint(result.checkpoint, device="cpu")[0]
+    save_checkpoint(tmp_path / "two", model, cfg, result.tokenizer, train_state=TrainState(step=6), rng=state["rng"])
+    cfg = with_vocab(cfg, result.tokenizer)
+    t1 = build_training(cfg, torch.device("cpu"), resume=tmp_path / "two", rank=1, world=2)
+    assert torch.equal(torch.rand(5), expected_rank1) and t1.note == ""  # rank 1 took rank 1's state
+    t0 = build_training(cfg, torch.device("cpu"), resume=tmp_path / "two", rank=0, world=1)
+    assert "holds the random state of 2 rank(s) and this run has 1" in t0.note

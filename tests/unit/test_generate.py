@@ -124,3 +124,24 @@ def test_generate_checks_its_arguments_before_the_first_token(trained):
     with pytest.raises(ValueError, match="prompt='x€' cannot be encoded"):
         gen.generate(["def ", "x€"])
     assert gen.generate("def ", max_new_tokens=0) == ""  # 0 new tokens: the same rule as sample.max_new_tokens
+
+
+def test_the_eval_sample_decodes_like_load_generate(trained, monkeypatch):
+    """One decoding path: under bf16 the eval sample keeps its KV cache in bf16, as TextGenerator does (not
+    in fp32, which attention would cast in full per layer and token)."""
+    from raygpt import generate as gen_module
+    from raygpt.runs import eval_sample
+
+    dtypes = []
+    empty = gen_module.KVCache.empty
+
+    def spy(config, batch, device, dtype):
+        dtypes.append(dtype)
+        return empty(config, batch, device, dtype)
+
+    monkeypatch.setattr(gen_module.KVCache, "empty", staticmethod(spy))
+    g = load(trained, device="cpu")
+    g.precision = "bf16"
+    g.generate("def ", max_new_tokens=5, seed=0)
+    text = eval_sample(g.model, g.tokenizer, g.config, "bf16")
+    assert dtypes == [torch.bfloat16, torch.bfloat16] and text.startswith(g.config.sample.prompt)

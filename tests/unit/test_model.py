@@ -50,7 +50,8 @@ def test_param_count_and_flops():
     expected = V * C + L * per_block + C  # tied wte/lm_head counted once, ln_f, no wpe
     assert model.num_params() == expected
     assert model.num_params(non_embedding=False) == expected + T * C
-    assert model.flops_per_token() == 6 * expected + 12 * L * C * T
+    matmul = V * C + L * 12 * C * C  # the weights of matmuls: the (tied) head and the blocks' Linears
+    assert model.flops_per_token() == 6 * matmul + 12 * L * C * T
 
 
 def test_kv_cache_logits_equal_full_recompute():

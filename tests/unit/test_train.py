@@ -64,7 +64,7 @@ def test_grad_accumulation_equals_the_big_batch():
     g_acc, out_acc = grads_after(make(), [(x[:4], y[:4]), (x[4:], y[4:])], 2)
     for name in g_big:
         torch.testing.assert_close(g_acc[name], g_big[name], rtol=1e-4, atol=1e-6)
-    assert out_acc["loss"] == pytest.approx(out_big["loss"], rel=1e-5)
+    assert float(out_acc["loss"]) == pytest.approx(float(out_big["loss"]), rel=1e-5)
 
 
 def test_clipping_reports_the_norm_before_clipping():
@@ -72,8 +72,8 @@ def test_clipping_reports_the_norm_before_clipping():
     x = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     out = train_step(model, opt, make_scaler(CPU, "fp32"), iter([(x, x)]), 1, 0.0, 1e-3, fp32)
-    assert out["grad_norm"] > 1e-3  # the raw norm, not the clipped one
-    assert out["lr"] == 0.0 and math.isfinite(out["loss"])
+    assert float(out["grad_norm"]) > 1e-3  # the raw norm, not the clipped one
+    assert out["lr"] == 0.0 and math.isfinite(float(out["loss"]))
 
 
 def test_train_step_counts_the_time_spent_waiting_for_batches():
@@ -142,5 +142,98 @@ def test_mixed_precision_steps_on_gpu():
         x = torch.randint(0, 50, (4, 16), device=cuda)
         out = [train_step(model, opt, scaler, iter([(x, x)]), 1, 1e-3, 1.0, lambda: autocast(cuda, precision))
                for _ in range(20)]
-        assert out[-1]["loss"] < out[0]["loss"]
+        assert float(out[-1]["loss"]) < float(out[0]["loss"])
         assert scaler.is_enabled() == (precision == "fp16")
+
+
+def test_bf16_only_where_the_gpu_has_it_in_hardware(monkeypatch):
+    """precision=auto picks bf16 from compute capability 8.0 (A100 on) and fp16 + GradScaler below (V100,
+    T4), where torch.cuda.is_bf16_supported() would say yes for its slow emulation; bf16 asked for there is
+    refused. Faked capability: no GPU needed."""
+    cuda = torch.device("cuda")
+    monkeypatch.setattr(torch.version, "hip", None)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)  # the trap
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Tesla V100-SXM2-16GB")
+    for capability, auto in (((7, 0), "fp16"), ((7, 5), "fp16"), ((8, 0), "bf16"), ((9, 0), "bf16")):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert resolve_precision("auto", cuda) == auto, capability
+        if auto == "fp16":
+            with pytest.raises(ValueError, match=r"compute capability 7\.\d\) has no bf16 in hardware"):
+                resolve_precision("bf16", cuda)
+        else:
+            assert resolve_precision("bf16", cuda) == "bf16"
+
+
+def test_peak_flops_by_exact_device_name():
+    from raygpt.train import peak_of
+
+    assert peak_of("NVIDIA H200 NVL", "bf16") == 835e12 and peak_of("NVIDIA H200", "bf16") == 989e12
+    assert peak_of("NVIDIA H100 80GB HBM3", "bf16") == 989e12 and peak_of("NVIDIA H100 PCIe", "fp32") == 378e12
+    assert peak_of("Tesla V100-PCIE-32GB", "fp16") == 112e12 and peak_of("Tesla V100-SXM2-16GB", "fp16") == 125e12
+    assert peak_of("NVIDIA L40S", "bf16") == 362e12 and peak_of("NVIDIA L40", "bf16") == 181e12
+    assert peak_of("NVIDIA L4", "bf16") == 121e12 and peak_of("NVIDIA A10G", "bf16") == 70e12
+    assert peak_of("NVIDIA A100-SXM4-80GB", "fp32") == 156e12 and peak_of("NVIDIA A10", "bf16") == 125e12
+    assert peak_of("Tesla T4", "fp16") == 65e12 and peak_of("NVIDIA GeForce RTX 3060", "bf16") is None
+
+
+def test_flops_count_matmul_weights_only_tied_or_not():
+    """6N counts the weights of matmuls: an untied head adds a matmul's worth (the head), not the lookup table."""
+    c = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    tied, untied = GPT(ModelConfig(**c, tie_weights=True)), GPT(ModelConfig(**c, tie_weights=False))
+    C, L, V, T = 32, 2, 50, 16
+    expected = 6 * (L * 12 * C * C + V * C) + 12 * L * C * T
+    assert tied.flops_per_token() == untied.flops_per_token() == expected
+
+
+def test_a_non_finite_loss_stops_the_run_at_the_next_report_naming_its_step(tmp_path):
+    """The loop reads the loss from the device at reports only (no host sync per step), yet a nan loss still
+    ends the run within one log interval, with the step it first appeared at."""
+    from raygpt.train import TrainState, train_loop
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config(tmp_path, "train.log_interval=5", "train.eval_interval=100", "train.checkpoint_interval=100",
+                      "train.max_steps=100", "model.vocab_size=50", "model.block_size=16")
+    model = make()
+    forward, calls = model.forward, []
+
+    def poisoned(x, y=None, **kw):  # the loss turns nan at the third step
+        logits, loss = forward(x, y, **kw)
+        calls.append(1)
+        return logits, (loss * float("nan") if len(calls) == 3 else loss)
+
+    model.forward = poisoned
+    x = torch.randint(0, 50, (8, 16), generator=torch.Generator().manual_seed(0))
+    reports = []
+    with pytest.raises(FloatingPointError, match="non-finite .* at step 3;"):
+        train_loop(cfg, model, configure_optimizer(model, OptimConfig(), CPU), make_scaler(CPU, "fp32"),
+                   iter(lambda: (x, x), None), lambda: [(x, x)], lambda m, s, c: reports.append(m["step"]),
+                   TrainState(), device=CPU, precision="fp32")
+    assert reports == [1] and len(calls) == 5  # reported step 1; stopped at step 5's report, before it
+
+
+def _evaluate_on_rank(rank: int, world: int, init: str, out: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    model = make()
+    batches = _val_batches()
+    result = evaluate(model, iter(batches), 5, fp32, rank=rank, world=world)
+    torch.save(result, f"{out}.{rank}")
+    torch.distributed.destroy_process_group()
+
+
+def _val_batches():
+    g = torch.Generator().manual_seed(3)
+    return [(x, torch.roll(x, -1, 1)) for x in (torch.randint(0, 50, (4, 16), generator=g) for _ in range(6))]
+
+
+def test_eval_shared_out_over_ranks_equals_one_rank(tmp_path):
+    """Each of 2 ranks (real processes, gloo) evaluates every other batch; the all-reduced mean equals the
+    one-rank eval of the same 5 batches, on both ranks."""
+    import torch.multiprocessing as mp
+
+    one = evaluate(make(), iter(_val_batches()), 5, fp32)
+    init, out = f"file://{tmp_path / 'rendezvous'}", str(tmp_path / "result")
+    mp.spawn(_evaluate_on_rank, args=(2, init, out), nprocs=2, join=True)
+    for rank in (0, 1):
+        shared = torch.load(f"{out}.{rank}", weights_only=True)
+        assert shared["val_loss"] == pytest.approx(one["val_loss"], abs=1e-6)

@@ -65,3 +65,21 @@ def test_fixed_val_batches_are_the_same_windows_however_the_stream_is_chunked():
     assert all(s % 16 == 0 for s in starts) and max(starts) > 2500  # spread over the stream, not its head
     with pytest.raises(ValueError, match="less than one batch"):
         fixed_batches([ids[:40]], 40, 16, 4, steps=5, seed=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_batches_reach_cuda_through_pinned_memory(monkeypatch):
+    from raygpt.data import windows
+
+    pinned = []
+    original = torch.Tensor.pin_memory
+
+    def spy(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        pinned.append(out.is_pinned())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", spy)
+    out = windows.to_device(torch.arange(12).view(3, 4), torch.device("cuda"))
+    assert out.is_cuda and pinned == [True] and out.cpu().tolist() == torch.arange(12).view(3, 4).tolist()
