@@ -67,8 +67,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
         train_batches.load_state_dict(t.data_state)
     elif t.state.step:  # a Ray run's checkpoint: its data position (epoch of a deal of units) means nothing here
         train_batches = TokenBatches(train_ids, block, batch, cfg.train.seed + t.state.step, device)
-        print_fn(f"resume: the checkpoint was written by a Ray run, whose place in the data does not carry over "
-                 f"to --local: random windows from a new seed (train.seed + step)")
+        print_fn("resume: the checkpoint was written by a Ray run, whose place in the data does not carry over "
+                 "to --local: random windows from a new seed (train.seed + step)")
     # The same fixed val windows as the Ray workers pick: val losses compare across steps, runs and paths.
     val = fixed_batches([val_ids], len(val_ids), block, batch, cfg.train.eval_steps, cfg.train.seed + 1, device)
 
