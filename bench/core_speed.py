@@ -1,12 +1,13 @@
 """Core speed: training step time, tokens/s and MFU, and generation with and without the KV cache.
 
     python bench/core_speed.py [CONFIG] [key=value ...] [--steps N] [--warmup N] [--gen-tokens N]
-                               [--matrix] [--out results.json]
+                               [--gen-batch N] [--matrix] [--out results.json]
 
     python bench/core_speed.py configs/default.yaml
     python bench/core_speed.py configs/gpt2_124m.yaml --matrix --out gpt2_124m.json     # on a GPU
 
-It times the real raygpt.train.train_step and raygpt.generate.generate_tokens on random token ids, so it
+It times the real raygpt.train.train_step and raygpt.generate.generate_tokens on random token ids (and
+generate_batch: N prompts of mixed lengths decoded together against one at a time), so it
 needs no corpus and no tokenizer, and imports only the raygpt core (never Ray): it runs from a checkout
 on a bare GPU box with torch, numpy, pyyaml and safetensors. It prints figures; it asserts no speed.
 """
@@ -32,7 +33,7 @@ import torch  # noqa: E402
 from raygpt.checkpoint import unwrap  # noqa: E402
 from raygpt.cli import split_config_args  # noqa: E402
 from raygpt.config import Config, ConfigError, grad_accum_steps, load_config  # noqa: E402
-from raygpt.generate import generate_tokens  # noqa: E402
+from raygpt.generate import generate_batch, generate_tokens  # noqa: E402
 from raygpt.model import GPT  # noqa: E402
 from raygpt.runs import build_training, device_for  # noqa: E402
 from raygpt.train import (TokenBatches, autocast, has_native_bf16, lr_at, peak_flops, resolve_precision,  # noqa: E402
@@ -167,6 +168,44 @@ def measure_generation(cfg: Config, device: torch.device, precision: str, n_toke
     return rows
 
 
+def measure_batched_generation(cfg: Config, device: torch.device, precision: str, n_tokens: int,
+                               batch: int) -> dict:
+    """``batch`` prompts of mixed lengths (1 to block/2 tokens), greedy, n_tokens each: generate_batch (one
+    forward pass per token for all of them) against generate_tokens one prompt after another."""
+    torch.manual_seed(cfg.train.seed)
+    model = GPT(cfg.model).to(device).eval()
+    n = min(n_tokens, cfg.model.block_size // 2)
+    g = np.random.default_rng(cfg.train.seed)
+    prompts = [g.integers(0, cfg.model.vocab_size, int(g.integers(1, cfg.model.block_size // 2 + 1))).tolist()
+               for _ in range(batch)]
+
+    def together() -> list[list[int]]:
+        out = [[] for _ in prompts]
+        for step in generate_batch(model, prompts, n, temperature=0, precision=precision):
+            for row, t in step:
+                out[row].append(t)
+        return out
+
+    def one_by_one() -> list[list[int]]:
+        return [list(generate_tokens(model, p, n, temperature=0, precision=precision)) for p in prompts]
+
+    speeds: dict = {"batched": [], "one at a time": []}
+    ids: dict = {}
+    for name, fn in (("batched", together), ("one at a time", one_by_one)):
+        fn()  # warm-up
+    for _ in range(GEN_REPEATS):
+        for name, fn in (("batched", together), ("one at a time", one_by_one)):
+            sync(device)
+            start = time.perf_counter()
+            ids[name] = fn()
+            speeds[name].append(batch * n / (time.perf_counter() - start))
+    same = sum(a == b for a, b in zip(ids["batched"], ids["one at a time"]))
+    return {"prompts": batch, "tokens_each": n, "batched_tokens_per_s": statistics.median(speeds["batched"]),
+            "one_at_a_time_tokens_per_s": statistics.median(speeds["one at a time"]),
+            "speedup": statistics.median(speeds["batched"]) / statistics.median(speeds["one at a time"]),
+            "rows_with_same_ids": same}
+
+
 def table(headers: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
     line = lambda cells: "  ".join(str(c).rjust(w) for c, w in zip(cells, widths))  # noqa: E731
@@ -194,13 +233,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first (include compile)")
     p.add_argument("--gen-tokens", type=int, default=256, help="tokens for the within-block measurement "
                    "(capped at block_size; 0 skips generation)")
+    p.add_argument("--gen-batch", type=int, default=8, help="prompts for the batched-generation measurement "
+                   "(0 skips it)")
     p.add_argument("--matrix", action="store_true", help="train rows for fp32, bf16 and bf16+compile")
     p.add_argument("--host-sync", action="store_true", help="each row twice: as train_loop runs (the device "
                    "waited for at reports) and reading the loss after every step (raygpt before 2026-11-29)")
     p.add_argument("--out", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
-    if args.steps < 1 or args.warmup < 0 or args.gen_tokens < 0:
-        p.error("--steps must be positive, --warmup and --gen-tokens not negative")
+    if args.steps < 1 or args.warmup < 0 or args.gen_tokens < 0 or args.gen_batch < 0:
+        p.error("--steps must be positive, --warmup, --gen-tokens and --gen-batch not negative")
     path, overrides = split_config_args(args.config)
     try:
         cfg = bench_config(path, overrides)
@@ -247,6 +288,16 @@ def main(argv: list[str] | None = None) -> int:
                     [[g["measurement"], g["tokens"], f"{g['cache_tokens_per_s']:,.0f}",
                       f"{g['no_cache_tokens_per_s']:,.0f}", f"{g['speedup']:.2f}x",
                       same_ids_text(g)] for g in gen]))
+    if args.gen_tokens and args.gen_batch:
+        b = measure_batched_generation(cfg, device, precision, args.gen_tokens, args.gen_batch)
+        result["batched_generation"] = b
+        print(f"\nbatched generation: {b['prompts']} prompts of 1 to block/2 tokens, greedy, {b['tokens_each']} "
+              f"tokens each, {precision}")
+        print(table(["path", "tokens/s", "speed-up", "rows with the same ids"],
+                    [["generate_batch", f"{b['batched_tokens_per_s']:,.0f}", f"{b['speedup']:.2f}x",
+                      f"{b['rows_with_same_ids']}/{b['prompts']}"],
+                     ["generate_tokens, one prompt at a time", f"{b['one_at_a_time_tokens_per_s']:,.0f}", "1.00x",
+                      ""]]))
     for note in result["notes"]:
         print(f"note: {note}")
     if args.out:

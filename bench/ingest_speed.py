@@ -4,7 +4,7 @@
 
 For 1 and 2 workers, on one local Ray cluster, side by side in one run:
   - ingest only: each worker pulls --steps * grad-accum batches from the same iterator training uses
-    (raygpt.distributed._train_batches: Ray Data reads of Parquet row groups, window cutting, the shuffle
+    (raygpt.data.ingest.train_batches: Ray Data reads of Parquet row groups, window cutting, the shuffle
     buffer) and does nothing else; tokens/s of the slowest worker;
   - training: a real run of --steps optimizer steps; the train step's tokens/s per worker and
     ``data_wait``, the share of step time spent in next(batches) (the stall fraction), over steps 2..N.
@@ -26,7 +26,8 @@ import ray.train  # noqa: E402
 
 from raygpt.config import config_from_dict, grad_accum_steps, load_config  # noqa: E402
 from raygpt.cluster import connect_private  # noqa: E402
-from raygpt.distributed import _train_batches, train  # noqa: E402
+from raygpt.data.ingest import train_batches  # noqa: E402
+from raygpt.distributed import train  # noqa: E402
 
 
 def ingest_only(config: dict) -> None:
@@ -35,7 +36,7 @@ def ingest_only(config: dict) -> None:
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
     n = cfg.train.max_steps * grad_accum_steps(cfg.train, world)
-    batches = _train_batches(cfg, config["train_units"], 0, {})
+    batches = train_batches(cfg, config["train_unit_tokens"], 0, {})
     next(batches)  # the first batch pays the dataset's start-up: not throughput
     t0 = time.perf_counter()
     for _ in range(n - 1):

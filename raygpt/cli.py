@@ -149,12 +149,13 @@ def cmd_train(argv: Sequence[str]) -> int:
     else:
         import ray.train
 
+        from raygpt import IMPORTED_AT
         from raygpt.distributed import RunInterrupted, train  # imports Ray: only on this path
         from raygpt.runs import error_line, name_run
 
         name_run(cfg)  # named here, so a failure can say which run to resume
         try:
-            result = train(cfg)
+            result = train(cfg, since=IMPORTED_AT)
         except RunInterrupted as e:
             print(f"raygpt train: {e}", file=sys.stderr)
             return 130  # the shell's code for a command ended by Ctrl-C

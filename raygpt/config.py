@@ -107,7 +107,9 @@ class RayConfig:
     threads_per_worker: Optional[int] = None
     # Where Ray Train keeps runs and checkpoints: a local path or a cloud URI (None: train.out_dir).
     storage_path: Optional[str] = None
-    max_failures: int = 0  # worker-group restarts from the latest checkpoint before the run fails
+    # Worker-group restarts from the latest checkpoint before the run fails: after a worker's error, a lost or
+    # preempted node, or a worker group that could not start (each counted up to N on its own).
+    max_failures: int = 0
     # Ray Data prefetch per worker, in batches.
     prefetch_batches: int = 2
     # Fault injection, for tests and fire drills: the worker of rank fail_rank exits hard (os._exit) when

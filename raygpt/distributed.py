@@ -6,152 +6,39 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import os
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
-import pyarrow as pa
 import ray
 import ray.train
 import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-import raygpt
 from raygpt.checkpoint import latest_checkpoint, read_meta, save_checkpoint
 from raygpt.cluster import free_ports
-from raygpt.config import Config, ConfigError, config_from_dict, grad_accum_steps
-from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, read_units, split_units
+from raygpt.config import Config, ConfigError, config_from_dict
+from raygpt.data.ingest import UnitShards, plan_of, train_batches, train_stream, val_batches, val_stream
+from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, split_units
 from raygpt.data.sources import check_writable
-from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches
 from raygpt.metrics import RayMetrics, install_grafana_dashboard
 from raygpt.runs import (build_training, check_sample_prompt, format_progress, name_run, report_sample,
                          resume_points, with_vocab)
 from raygpt.tracking import WandbLogger
 from raygpt.train import rng_state, train_loop
 
-READ_UNITS = 8  # units (Parquet row groups) per Ray Data read call
-WINDOW_SHUFFLE = 4096  # windows in each worker's shuffle buffer
-
-
-# --------------------------------------------------------------------------- datasets of units
-
-
-def _read_batch(batch: dict, units: list) -> "pa.Table":
-    """Ray Data stage: {epoch, unit} rows -> the same rows with the unit's token ids."""
-    arrays = read_units([units[int(u)][:2] for u in batch["unit"]])
-    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-    return pa.table({"epoch": batch["epoch"], "unit": batch["unit"],
-                     "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))})
-
-
-def unit_dataset(units: list, items: list[tuple[int, int]]):
-    """A Ray Dataset reading the given (epoch, unit) items, in that order, built so no stage needs a CPU slot.
-
-    Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
-    them: a read task that waits for a CPU would hang the run. So the item list comes from the driver and
-    units are read by zero-CPU tasks (reading Parquet is I/O and memcpy, not compute)."""
-    # size caps the zero-CPU tasks in flight (else Ray starts a worker process per block): 2, or 1 for a
-    # stream of one read call at most (Ray Data warns when the cap exceeds what it is given to read).
-    ds = ray.data.from_items([{"epoch": e, "unit": int(u)} for e, u in items]).map_batches(
-        _read_batch, fn_kwargs={"units": units}, batch_size=READ_UNITS, batch_format="numpy", num_cpus=0,
-        compute=ray.data.TaskPoolStrategy(size=2 if len(items) > READ_UNITS else 1))
-    ds.context.execution_options.preserve_order = True  # the plan's order is the stream's order
-    return ds
-
-
-def _plan(cfg: Config, units: list, world: int) -> EpochPlan:
-    return EpochPlan([u[2] for u in units], cfg.model.block_size, cfg.train.batch_size, cfg.train.seed, world)
-
-
-def _batches_done(cfg: Config, tokens_seen: int, world: int) -> int:
-    """Batches each worker has drawn after ``tokens_seen`` tokens (exact when the world size is unchanged)."""
-    return tokens_seen // (world * cfg.train.batch_size * cfg.model.block_size)
-
-
-def train_items(cfg: Config, units: list, rank: int, world: int, start_tokens: int) -> list[tuple[int, int]]:
-    """The (epoch, unit) items ``rank`` reads, from the epoch a resumed run restarts in to the run's end."""
-    plan = _plan(cfg, units, world)
-    first = min(plan.locate(r, _batches_done(cfg, start_tokens, world))[0] for r in range(world))
-    last = plan.epochs_for(cfg.train.max_steps * grad_accum_steps(cfg.train, world))
-    return [(e, u) for e in range(first, last) for u in plan.units(e, rank)]
-
-
-class UnitShards(ray.train.DataConfig):
-    """Each worker gets its own ordered stream of train units (its EpochPlan deal) instead of Ray's dynamic
-    ``streaming_split``: the order is then reproducible, and a resumed run sees exactly the batches the
-    uninterrupted one would have. Val goes whole, in order, to every worker."""
-
-    def __init__(self, cfg: Config, units: list, start_tokens: int):
-        super().__init__(datasets_to_split=[])
-        self.cfg, self.units, self.start_tokens = cfg, units, start_tokens
-
-    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
-        out = [{} for _ in range(world_size)]
-        for name, ds in datasets.items():
-            for rank in range(world_size):
-                if name == "train":  # runs at every worker-group start, so a restart gets its own world size
-                    ds = unit_dataset(self.units, train_items(self.cfg, self.units, rank, world_size,
-                                                              self.start_tokens))
-                # Ray Data's defaults, in order (DataConfig's default_ingest_options passes on the deprecated
-                # exclude_resources, and Ray warns).
-                ds.context.execution_options = ray.data.ExecutionOptions(preserve_order=True)
-                out[rank][name] = ds.iterator()
-        return out
-
-
-# --------------------------------------------------------------------------- on each worker
-
-
-def _rows(shard, prefetch: int) -> Iterator[tuple[int, int, np.ndarray]]:
-    for batch in shard.iter_batches(batch_size=READ_UNITS, batch_format="numpy", prefetch_batches=prefetch):
-        yield from zip(batch["epoch"].tolist(), batch["unit"].tolist(), batch["tokens"])
-
-
-def _train_batches(cfg: Config, units: list, tokens_seen: int, position: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x, y) batches of this worker's deal of the train split, starting where ``tokens_seen``
-    left off. ``position`` holds the epoch being read (saved in checkpoints, for people)."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    plan = _plan(cfg, units, world)
-    epoch, skip = plan.locate(rank, _batches_done(cfg, tokens_seen, world))
-    rows = _rows(ray.train.get_dataset_shard("train"), cfg.ray.prefetch_batches)
-    device = ray.train.torch.get_device()
-    for epoch in itertools.count(epoch):
-        position.update(epoch=epoch, world=world)
-        yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip, WINDOW_SHUFFLE, device)
-        skip = 0
-
-
-def _epoch_units(rows: Iterator[tuple[int, int, np.ndarray]], epoch: int) -> Iterator[tuple[int, np.ndarray]]:
-    """The units of ``epoch`` from the stream, dropping earlier epochs (a restart resumes inside the data).
-    epoch_batches stops pulling at the epoch's last unit, so the next epoch starts at the next row."""
-    for e, unit, tokens in rows:
-        if e > epoch:
-            raise RuntimeError(f"the train stream is at epoch {e} but this worker resumes in epoch {epoch}")
-        if e == epoch:
-            yield unit, tokens
-
-
-def _val_batches(cfg: Config, total_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed val batches (raygpt.data.windows.fixed_batches), read once from the val split."""
-    rows = _rows(ray.train.get_dataset_shard("val"), 2)
-    return fixed_batches((tokens for _, _, tokens in rows), total_tokens, cfg.model.block_size,
-                         cfg.train.batch_size, cfg.train.eval_steps, cfg.train.seed + 1, ray.train.torch.get_device())
-
 
 def format_startup(clock: dict) -> str:
     """Where the time to the first optimizer step went (driver and worker clocks: one machine, or NTP)."""
     parts = [("imports", "process", "start"), ("ray.init", "start", "ray"), ("prepare", "ray", "data"), ("checks", "data", "fit"),
              ("worker start", "fit", "worker"), ("model, data and step 1", "worker", "first_step")]
+    if clock["process"] == clock["start"]:  # train() called from Python: its imports are not this run's
+        parts = parts[1:]
     return ("start-up: " + ", ".join(f"{name} {clock[b] - clock[a]:.1f} s" for name, a, b in parts)
             + f" (to the first step: {clock['first_step'] - clock['process']:.1f} s)")
 
@@ -220,10 +107,10 @@ def train_func(config: dict) -> None:
         t = build_training(cfg, device, resume=resume, rank=rank, world=world)
     model = ray.train.torch.prepare_model(t.model) if world > 1 else t.model
     position = dict(t.data_state)  # updated by the iterator as epochs go by
-    train_batches = _train_batches(cfg, config["train_units"], t.state.tokens_seen, position)
+    batches = train_batches(cfg, config["train_unit_tokens"], t.state.tokens_seen, position)
     if cfg.ray.fail_at_step is not None:
-        train_batches = _with_fault(cfg, config["run_path"], rank, train_batches, t.state)
-    val = _val_batches(cfg, config["val_tokens"])
+        batches = _with_fault(cfg, config["run_path"], rank, batches, t.state)
+    val = val_batches(cfg, config["val_tokens"])
     # What rank 0 prints: its progress and samples, unless the run is a Tune trial (the driver prints one
     # line per trial there, and lines from trials running side by side would interleave).
     say = (lambda s: None) if config.get("quiet") else (lambda s: print(s, flush=True))
@@ -264,7 +151,7 @@ def train_func(config: dict) -> None:
                              checkpoint_dir_name=f"step_{state.step:06d}")
 
     try:
-        train_loop(cfg, model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state, device=device,
+        train_loop(cfg, model, t.optimizer, t.scaler, batches, lambda: val, report, t.state, device=device,
                    precision=t.precision, world_size=world, rank=rank, flops_per_token=t.flops_per_token)
     finally:
         if tracker:
@@ -296,12 +183,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 QUIET = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1", "RAY_DATA_USAGE_DISABLED": "1"}
 for _key, _value in QUIET.items():
     os.environ.setdefault(_key, _value)
-
-# Ray Train's own DataConfig.default_ingest_options passes the deprecated ExecutionOptions.exclude_resources
-# on (its state tracking calls it for every run); raygpt never sets it, so the warning is Ray's, not ours.
-warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources` is deprecated",
-                        category=DeprecationWarning)
-
 
 def _off_console(record: logging.LogRecord) -> bool:
     """Ray Data prints, on a console handler of its own (past ray.init's log level), a line per finished
@@ -383,15 +264,26 @@ def check_resources(cfg: Config, use_gpu: bool) -> None:
                           f"{have.get('GPU', 0):g}; lower ray.num_workers or set ray.use_gpu=false")
 
 
-def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: bool = False):
+def failure_config(restarts: int) -> FailureConfig:
+    """ray.max_failures bounds every kind of restart, not only a worker's error. Ray Train 2.60 also retries,
+    on budgets of their own that default to "forever", a worker group that cannot start (its startup times
+    out every 60 s, e.g. when a node is gone for good) and a node's preemption: a fixed cluster that lost a
+    node would wait there without end. Each budget gets the same N."""
+    return FailureConfig(max_failures=restarts, controller_failure_limit=restarts, max_preemption_failures=restarts)
+
+
+def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: bool = False,
+          since: float | None = None):
     """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result.
 
     A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
     ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches);
     ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback); ``quiet`` keeps rank 0
-    from printing progress lines and samples."""
-    # Wall-clock marks for the start-up line rank 0 prints at step 1, from when raygpt was first imported.
-    clock = {"process": raygpt.IMPORTED_AT, "start": time.time()}
+    from printing progress lines and samples; ``since``: when the command started (time.time()), for the
+    start-up line's "imports" (the CLI passes when raygpt was first imported)."""
+    # Wall-clock marks for the start-up line rank 0 prints at step 1.
+    start = time.time()
+    clock = {"process": start if since is None else since, "start": start}
     # Storage that cannot be written is one line now, not a traceback from Ray Train's controller later.
     check_writable(cfg.ray.storage_path or cfg.train.out_dir,
                    "ray.storage_path" if cfg.ray.storage_path else "train.out_dir")
@@ -412,7 +304,7 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     resumes = resume_points(cfg, tokenizer, Path(storage) / cfg.train.run_name) if "://" not in storage else []
     train_units, val_units = split_units(prepared, "train"), split_units(prepared, "val")
     world = max(1, cfg.ray.num_workers)
-    plan = _plan(cfg, train_units, world)
+    plan = plan_of(cfg, train_units.tokens, world)
     for rank in range(world):
         if plan.batches_in_epoch(0, rank) == 0:
             raise ConfigError(plan.too_small())
@@ -422,7 +314,8 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
                           f"{cfg.train.batch_size} x {cfg.model.block_size + 1} tokens; raise data.val_fraction "
                           f"or lower train.batch_size")
     start_tokens = min((p.tokens_seen for p in resumes), default=0)
-    print_fn(f"train: {manifest['splits']['train']['tokens']:,} train tokens, run {cfg.train.run_name!r} in {storage}"
+    print_fn(f"train: {manifest['splits']['train']['tokens']:,} train tokens ({100 * plan.coverage():.1f}% of them in "
+             f"an epoch's windows), run {cfg.train.run_name!r} in {storage}"
              + (f", resuming from step {max(p.step for p in resumes)}" if resumes else ""))
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
@@ -430,17 +323,18 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
                     checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints,
                                                        checkpoint_score_attribute="val_loss",
                                                        checkpoint_score_order="min"),
-                    failure_config=FailureConfig(max_failures=cfg.ray.max_failures), callbacks=list(callbacks),
+                    failure_config=failure_config(cfg.ray.max_failures), callbacks=list(callbacks),
                     # Ray Train's INFO lines repeat every report; rank 0's progress line says it once.
                     logging_config=ray.train.LoggingConfig(log_level="WARNING"))
-    # The base train dataset is rank 0's stream of a one-worker run (what local mode, num_workers=0, reads);
-    # UnitShards deals the units out per worker when there are workers.
-    datasets = {"train": unit_dataset(train_units, train_items(cfg, train_units, 0, 1, start_tokens)),
-                "val": unit_dataset(val_units, [(0, u) for u in range(len(val_units))])}
+    # The base train dataset is the stream of a one-worker run: what local mode (num_workers=0) reads. With
+    # workers, UnitShards deals the units out per worker and this one is never read (one epoch: a stand-in).
+    local = cfg.ray.num_workers == 0
+    datasets = {"train": train_stream(cfg, train_units, 0, 1, start_tokens, epochs=None if local else 1),
+                "val": val_stream(val_units)}
     clock["fit"] = time.time()
     trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets,
                            train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()),
-                                              "train_units": train_units, "val_tokens": val_tokens,
+                                              "train_unit_tokens": train_units.tokens, "val_tokens": val_tokens,
                                               # the run's folder when storage is local (None for a URI)
                                               "run_path": None if "://" in storage else
                                               str(Path(storage) / cfg.train.run_name), "clock": clock,

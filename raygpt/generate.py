@@ -52,45 +52,90 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: Optional[
     return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
 
 
-@torch.no_grad()
 def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, temperature: float = 1.0,
                     top_k: Optional[int] = None, top_p: Optional[float] = None,
                     generator: Optional[torch.Generator] = None, use_cache: bool = True,
                     precision: str = "fp32") -> Iterator[int]:
-    """Yield up to max_new_tokens ids continuing ``ids``, under ``precision``'s autocast (fp32, bf16, fp16)
-    with the KV cache in the dtype attention computes in: the one decoding path of raygpt.load().generate,
-    the eval samples and the benchmarks.
+    """Yield up to max_new_tokens ids continuing ``ids``: generate_batch with one row. The one decoding path
+    of raygpt.load().generate, the eval samples and the benchmarks."""
+    for ((_, next_id),) in generate_batch(model, [ids], max_new_tokens, temperature, top_k, top_p, [generator],
+                                          use_cache, precision):
+        yield next_id
+
+
+@torch.no_grad()
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
+                   top_k: Optional[int] = None, top_p: Optional[float] = None,
+                   generators: Optional[Sequence[Optional[torch.Generator]]] = None, use_cache: bool = True,
+                   precision: str = "fp32", finished: Optional[set] = None) -> Iterator[list[tuple[int, int]]]:
+    """Continue several prompts together, one forward pass per new token for all of them, under
+    ``precision``'s autocast (fp32, bf16, fp16) with the KV cache in the dtype attention computes in.
+
+    Yields, per step, ``(row, id)`` for every row still going (row: the prompt's index). A caller ends a row
+    (end of text, a stop string) by adding its index to ``finished``; the row leaves the batch and its cache
+    before the next step. Prompts of different lengths are left-padded (GPT.forward's ``pad``). Each row
+    samples with its own generator (``generators[row]``), so a row's ids are those of the same prompt alone
+    with the same generator, up to float rounding between batch shapes.
 
     The context is the last block_size tokens. With the KV cache each new token costs one position;
-    when the cache is full the window slides: the cache is refilled from the last 3/4 block_size tokens
-    (learned positions cannot be shifted), so the context stays between 3/4 and a full block and the
-    refill cost is paid once every block_size/4 tokens."""
+    when the cache is full the window slides: the cache is refilled from each row's last 3/4 block_size
+    tokens (learned positions cannot be shifted), so a context stays between 3/4 and a full block (less its
+    row's padding) and the refill cost is paid once every block_size/4 tokens."""
     block = model.config.block_size
     device = next(model.parameters()).device
     amp = lambda: autocast(device, precision)  # noqa: E731 (entered anew for each token)
-    tokens = list(ids)[-block:]
+    tokens = [list(p)[-block:] for p in prompts]
+    if any(not t for t in tokens):
+        raise ValueError("every prompt needs at least one token id")
+    if not tokens:
+        return
+    rows = list(range(len(tokens)))  # the prompt index of each batch row
+    generators = list(generators) if generators is not None else [None] * len(tokens)
+    finished = finished if finished is not None else set()
+    keep = max(1, block - block // 4)
+
+    def padded(contexts: list[list[int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        width = max(len(c) for c in contexts)
+        pad = [width - len(c) for c in contexts]
+        x = torch.tensor([[0] * n + c for n, c in zip(pad, contexts)], dtype=torch.long, device=device)
+        return x, torch.tensor(pad, device=device) if any(pad) else None
+
     cache = None
     if use_cache:
         # The dtype attention computes in (bf16 under autocast): a cache in fp32 would cost twice the
         # memory and a cast of the whole cache per layer per token.
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, next(model.parameters()).dtype)
-        cache = KVCache.empty(model.config, 1, device, dtype)
-    keep = max(1, block - block // 4)
-    context = tokens
+        cache = KVCache.empty(model.config, len(rows), device, dtype)
+    x, pad = padded(tokens)
     for _ in range(max_new_tokens):
-        x = torch.tensor([context], dtype=torch.long, device=device)  # (1, T)
         with amp():
-            logits, _ = model(x, cache=cache)
-        next_id = int(sample_next(logits[:, -1, :], temperature, top_k, top_p, generator))
-        yield next_id
-        tokens.append(next_id)
+            logits, _ = model(x, cache=cache, pad=pad)
+        logits = logits[:, -1, :]
+        if temperature == 0:
+            next_ids = logits.float().argmax(dim=-1).tolist()
+        else:  # row by row: each row's own generator, so a row draws as it would alone
+            next_ids = [int(sample_next(logits[i:i + 1], temperature, top_k, top_p, generators[r]))
+                        for i, r in enumerate(rows)]
+        for t, n in zip(tokens, next_ids):
+            t.append(n)
+        yield list(zip(rows, next_ids))
+        going = [i for i, r in enumerate(rows) if r not in finished]
+        if not going:
+            return
+        if len(going) < len(rows):  # finished rows leave the batch
+            rows, tokens, next_ids = ([a[i] for i in going] for a in (rows, tokens, next_ids))
+            index = torch.tensor(going, device=device)
+            if cache is not None:
+                cache.keep_rows(index)
+            if pad is not None:
+                pad = pad[index] if bool(pad[index].any()) else None
         if cache is None:
-            context = tokens[-block:]
+            x, pad = padded([t[-block:] for t in tokens])
         elif cache.pos < block:
-            context = [next_id]
+            x = torch.tensor(next_ids, dtype=torch.long, device=device)[:, None]  # (B, 1)
         else:
             cache.reset()
-            context = tokens[-keep:]
+            x, pad = padded([t[-keep:] for t in tokens])
 
 
 def check_prompt(tokenizer: Tokenizer, prompt: str, name: str, fix: str) -> None:
@@ -125,21 +170,26 @@ class TextGenerator:
 
     def generate(self, prompt: Union[str, list[str]], max_new_tokens: int = 200, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 stop: Union[str, list[str], None] = None, stream: bool = False, use_cache: bool = True):
+                 stop: Union[str, list[str], None] = None, stream: bool = False, use_cache: bool = True,
+                 batch_size: int = 32):
         """Continue ``prompt``. A string gives a string, a list gives a list, ``stream=True`` gives an
         iterator of text pieces (one prompt). Stops after max_new_tokens, at the end-of-text token, or
         before the first ``stop`` string (not included). Same seed, same text; prompts longer than
-        block_size keep their last block_size tokens. Every argument is checked (see check) before any
-        token is generated."""
+        block_size keep their last block_size tokens. A list is generated ``batch_size`` prompts at a time,
+        each batch in one forward pass per token; with a seed, each prompt's text is the one it gets alone
+        with that seed. Every argument is checked (see check) before any token is generated."""
         if stream and not isinstance(prompt, str):
             raise ValueError("stream=True takes one prompt string, not a list")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be an integer of at least 1")
         stops = self.check(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
         args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     seed=seed, stops=stops, use_cache=use_cache)
         if isinstance(prompt, str):
             pieces = self._stream(prompt, **args)
             return pieces if stream else "".join(pieces)
-        return ["".join(self._stream(p, **args)) for p in prompt]
+        return [text for i in range(0, len(prompt), batch_size)
+                for text in self._batch(prompt[i:i + batch_size], **args)]
 
     def check(self, prompt: Union[str, list[str]], max_new_tokens: int = 200, temperature: float = 1.0,
               top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
@@ -160,45 +210,106 @@ class TextGenerator:
                          "knows only the characters of its training corpus")
         return stops
 
-    def _stream(self, prompt: str, max_new_tokens, temperature, top_k, top_p, seed, stops,
-                use_cache) -> Iterator[str]:
-        ids = self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]  # empty: a new document
+    def _generator(self, seed: Optional[int]) -> torch.Generator:
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
-        new_ids: list[int] = []
-        emitted = 0
-        for next_id in generate_tokens(self.model, ids, max_new_tokens, temperature, top_k, top_p,
-                                       generator, use_cache, self.precision):
+        return generator
+
+    def _ids(self, prompt: str) -> list[int]:
+        return self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]  # empty: a new document
+
+    def _stream(self, prompt: str, max_new_tokens, temperature, top_k, top_p, seed, stops,
+                use_cache) -> Iterator[str]:
+        text = TextStream(self.tokenizer, stops)
+        for next_id in generate_tokens(self.model, self._ids(prompt), max_new_tokens, temperature, top_k, top_p,
+                                       self._generator(seed), use_cache, self.precision):
             if next_id == self.tokenizer.eot_id:
                 break
-            new_ids.append(next_id)
-            text = self.tokenizer.decode(new_ids)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
-            if cut >= 0:
-                if cut > emitted:
-                    yield text[emitted:cut]
+            piece = text.push(next_id)
+            if piece:
+                yield piece
+            if text.done:
                 return
-            safe = _safe_length(text, stops)
-            if safe > emitted:
-                yield text[emitted:safe]
-                emitted = safe
-        text = self.tokenizer.decode(new_ids)
-        if len(text) > emitted:
-            yield text[emitted:]
+        rest = text.finish()
+        if rest:
+            yield rest
+
+    def _batch(self, prompts: list[str], max_new_tokens, temperature, top_k, top_p, seed, stops,
+               use_cache) -> list[str]:
+        texts = [TextStream(self.tokenizer, stops) for _ in prompts]
+        pieces: list[list[str]] = [[] for _ in prompts]
+        finished: set[int] = set()
+        for step in generate_batch(self.model, [self._ids(p) for p in prompts], max_new_tokens, temperature,
+                                   top_k, top_p, [self._generator(seed) for _ in prompts], use_cache,
+                                   self.precision, finished):
+            for row, next_id in step:
+                if next_id == self.tokenizer.eot_id:
+                    finished.add(row)
+                    continue
+                pieces[row].append(texts[row].push(next_id))
+                if texts[row].done:
+                    finished.add(row)
+        return ["".join(p) + t.finish() for p, t in zip(pieces, texts)]
 
 
-def _safe_length(text: str, stops: list[str]) -> int:
-    """How much of ``text`` can be shown now: not a trailing partial UTF-8 character (decoded as U+FFFD,
-    it may still complete) and not a tail that could be the start of a stop string."""
-    n = len(text)
-    while n > 0 and text[n - 1] == "\ufffd":
-        n -= 1
+class TextStream:
+    """Token ids in, text out, one id at a time, in time independent of how much came before: each id
+    decodes only the few ids since the last complete character (the way streaming servers detokenize), and
+    stop strings are looked for only in text not yet shown. A partial UTF-8 character (decoded as U+FFFD)
+    waits for the ids that complete it, and a tail that could begin a stop string waits for the next text."""
+
+    WINDOW = 8  # ids a partial character may span before it is shown as it is (UTF-8: at most 4 bytes)
+
+    def __init__(self, tokenizer: Tokenizer, stops: Sequence[str] = ()):
+        self.tokenizer, self.stops = tokenizer, list(stops)
+        self.ids: list[int] = []  # the ids of the last piece shown, then those not shown yet
+        self.read = 0  # ids[:read] are shown; decoding ids[:read] too gives the context for the next piece
+        self.pending = ""  # decoded, not shown: it may be the start of a stop string
+        self.done = False  # a stop string was reached: nothing more to show
+
+    def push(self, token_id: int) -> str:
+        """The text that can be shown now that ``token_id`` came ('' while it waits, and after a stop)."""
+        if self.done:
+            return ""
+        self.ids.append(token_id)
+        shown = self.tokenizer.decode(self.ids[:self.read])
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd") and len(self.ids) - self.read < self.WINDOW:
+            return ""  # the next id may complete the character
+        del self.ids[:self.read]  # the ids just decoded are the next piece's context
+        self.read = len(self.ids)
+        return self._show(text[len(shown):])
+
+    def finish(self) -> str:
+        """What is left to show when generation ends (max_new_tokens, end of text)."""
+        if self.done:
+            return ""
+        text = self._show(self.tokenizer.decode(self.ids)[len(self.tokenizer.decode(self.ids[:self.read])):])
+        if self.done:
+            return text
+        rest, self.pending, self.ids, self.read = self.pending, "", [], 0
+        return text + rest
+
+    def _show(self, piece: str) -> str:
+        self.pending += piece
+        cut = min((i for i in (self.pending.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            shown, self.pending, self.done = self.pending[:cut], "", True
+            return shown
+        n = len(self.pending) - _stop_start(self.pending, self.stops)
+        shown, self.pending = self.pending[:n], self.pending[n:]
+        return shown
+
+
+def _stop_start(text: str, stops: list[str]) -> int:
+    """The length of the longest tail of ``text`` that begins some stop string (0: none)."""
+    longest = 0
     for s in stops:
-        for k in range(min(len(s) - 1, n), 0, -1):
-            if text[n - k:n] == s[:k]:
-                n -= k
+        for k in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:k]):
+                longest = k
                 break
-    return n
+    return longest
 
 
 def load(path, device: Union[str, torch.device, None] = None, check: bool = True) -> TextGenerator:

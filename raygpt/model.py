@@ -42,6 +42,11 @@ class KVCache:
     def reset(self) -> None:
         self.pos = 0
 
+    def keep_rows(self, rows: torch.Tensor) -> None:
+        """Drop the other batch rows (finished sequences) from every layer."""
+        self.k = [t[rows] for t in self.k]
+        self.v = [t[rows] for t in self.v]
+
 
 class CausalSelfAttention(nn.Module):
     def __init__(self, config: ModelConfig):
@@ -53,12 +58,15 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """``mask`` (B, 1, T, keys), True where a query may attend: given, it replaces the causal rule
+        (left-padded batches; see GPT.forward)."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         # (B, T, C) -> (B, n_head, T, head_dim)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        mask, is_causal = None, True
+        is_causal = mask is None
         if cache is not None:
             start = cache.pos
             cache.k[layer][:, :, start:start + T] = k
@@ -66,7 +74,7 @@ class CausalSelfAttention(nn.Module):
             # .to(): under autocast q is bf16/fp16 while the cache may hold another dtype; no-op otherwise.
             k = cache.k[layer][:, :, :start + T].to(q.dtype)
             v = cache.v[layer][:, :, :start + T].to(q.dtype)
-            if start > 0:
+            if start > 0 and is_causal:
                 # New queries sit at positions start..start+T-1 and see every key up to their own position.
                 # For one new token that is all keys (no mask); SDPA's is_causal would align the mask
                 # top-left, which is wrong once start > 0.
@@ -100,8 +108,9 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), cache, layer)
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, layer: int = 0,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), cache, layer, mask)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -136,18 +145,29 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
-    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None):
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: KVCache | None = None,
+                pad: torch.Tensor | None = None):
         """idx (B, T) token ids. With targets: logits (B, T, V) and the mean cross-entropy.
         Without: logits of the last position only (B, 1, V), which is all generation needs.
-        With a cache: T new tokens are appended at cache.pos."""
+        With a cache: T new tokens are appended at cache.pos.
+
+        ``pad`` (B,): prompts of different lengths in one batch, left-padded: row b's first pad[b] slots are
+        filler. Its tokens take positions from 0 at slot pad[b], and no query attends to a filler slot (a
+        filler query attends to itself only, so no row of the softmax is empty)."""
         B, T = idx.shape
         start = cache.pos if cache is not None else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of {start + T} tokens exceeds block_size={self.config.block_size}")
-        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,)
+        pos = torch.arange(start, start + T, dtype=torch.long, device=idx.device)  # (T,) slots
+        mask = None
+        if pad is not None:
+            keys = torch.arange(start + T, device=idx.device)  # every slot a query can see
+            q, k, p = pos[None, :, None], keys[None, None, :], pad[:, None, None]
+            mask = ((k <= q) & ((k >= p) | (k == q)))[:, None]  # (B, 1, T, start + T)
+            pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))  # (B, T, C)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
+            x = block(x, cache, i, mask)
         x = self.transformer.ln_f(x)
         if cache is not None:
             cache.pos += T

@@ -24,7 +24,7 @@ import shutil
 import socket
 import time
 import uuid
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -357,21 +357,49 @@ def shard_paths(folder: str | Path, split: str) -> list[str]:
     return [str(folder / s["path"]) for s in load_manifest(folder)["splits"][split]["shards"]]
 
 
-def split_units(folder: str | Path, split: str) -> list[tuple[str, int, int]]:
-    """Every unit (Parquet row group) of a split as (absolute shard path, row group, tokens), in order."""
+@dataclass
+class Units:
+    """A split's units (Parquet row groups), numbered in the order of the split's token stream: the shard
+    files and each unit's token count. Small (a path per file, a number per unit), so it travels to every
+    worker and read task; a unit's place (file, row group) is computed, not listed."""
+    paths: list[str]  # absolute shard paths, in stream order
+    first: np.ndarray  # the number of each shard's first unit, and the total at the end
+    tokens: np.ndarray  # tokens of each unit
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def locate(self, unit: int) -> tuple[str, int]:
+        """(shard path, row group) of a unit."""
+        shard = int(np.searchsorted(self.first, unit, side="right")) - 1
+        return self.paths[shard], int(unit - self.first[shard])
+
+
+def split_units(folder: str | Path, split: str) -> Units:
+    """Every unit (Parquet row group) of a split, in order."""
     folder = Path(folder).resolve()
-    return [(str(folder / s["path"]), group, tokens) for s in load_manifest(folder)["splits"][split]["shards"]
-            for group, tokens in enumerate(s["units"])]
+    shards = load_manifest(folder)["splits"][split]["shards"]
+    counts = [len(s["units"]) for s in shards]
+    return Units([str(folder / s["path"]) for s in shards], np.concatenate([[0], np.cumsum(counts)]).astype(np.int64),
+                 np.array([t for s in shards for t in s["units"]], dtype=np.int64))
 
 
-def read_units(units: list[tuple[str, int]]) -> list[np.ndarray]:
-    """The token ids of each (shard path, row group), each unit's rows concatenated."""
+def read_units(units: Units, ids, head: int = 0) -> list[np.ndarray]:
+    """The token ids of each unit in ``ids`` (its rows concatenated), followed by the first ``head`` tokens
+    of the unit after it in the stream, if there is one."""
     files: dict[str, pq.ParquetFile] = {}
-    out = []
-    for path, group in units:
+
+    def tokens(unit: int) -> np.ndarray:
+        path, group = units.locate(unit)
         pf = files.get(path) or files.setdefault(path, pq.ParquetFile(path))
-        column = pf.read_row_group(group, columns=["tokens"]).column("tokens")
-        out.append(pa.compute.list_flatten(column).to_numpy())
+        return pa.compute.list_flatten(pf.read_row_group(group, columns=["tokens"]).column("tokens")).to_numpy()
+
+    out = []
+    for unit in ids:
+        own = tokens(int(unit))
+        if head and unit + 1 < len(units):
+            own = np.concatenate([own, tokens(int(unit) + 1)[:head]])
+        out.append(own)
     return out
 
 

@@ -3,13 +3,17 @@
 Pure numpy/torch (no Ray): the Ray workers feed these functions the rows of their dataset shard, the
 local loop and tests feed them arrays.
 
-Train stream. A prepared split is a list of units (Parquet row groups of a few thousand tokens). Every
-epoch the units are permuted (seeded by seed and epoch) and dealt round-robin to the workers; each unit
-starts at a random offset below block_size (so windows fall on different tokens each epoch) and is cut
-into non-overlapping (block_size + 1)-token windows; a worker shuffles its windows in a seeded buffer and
-batches them. Everything is a function of (seed, epoch, rank, world size), so a worker finds its place in
-the stream from a count of batches alone: that is what makes a resumed run draw exactly the batches the
-uninterrupted one would have.
+Train stream. A prepared split is a list of units (Parquet row groups of a few thousand tokens), in the
+order of the split's token stream. Every epoch the units are permuted (seeded by seed and epoch) and dealt
+round-robin to the workers; each unit gets a random offset below block_size, and its windows of
+block_size + 1 tokens start at that offset and every block_size tokens after it, up to where the next
+unit's first window starts: the last ones run on into the next unit of the stream (read with it: its
+head, HEAD(block) tokens), so an epoch's windows cover every token but the stream's very ends, and a
+window only ever crosses into the text that truly follows. A worker shuffles its windows in a seeded
+buffer and batches them. Everything is a function of (seed, epoch, rank, world size): a worker finds its
+place in the stream from a count of batches alone, which is what makes a resumed run draw exactly the
+batches the uninterrupted one would have, and nothing has to be listed ahead: an epoch's deal is
+computed when the stream reaches it.
 """
 
 from __future__ import annotations
@@ -31,29 +35,54 @@ def to_device(rows: torch.Tensor, device: torch.device) -> torch.Tensor:
     return rows.to(device)
 
 
+def head(block_size: int) -> int:
+    """Tokens of the next unit a unit's windows may need: its first window starts below block_size and is
+    block_size + 1 long."""
+    return 2 * block_size + 1
+
+
+@lru_cache(maxsize=16)
+def epoch_order(seed: int, epoch: int, n_units: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
+    """(permutation of all units, start offset of every unit) for one epoch: all a read task needs to know
+    which unit a worker reads next (cached: consecutive reads fall in the same epoch)."""
+    rng = np.random.default_rng([seed, epoch])
+    return rng.permutation(n_units), rng.integers(0, block_size, n_units)
+
+
 class EpochPlan:
     """Which units each of ``world`` workers reads in each epoch, and how many batches that makes."""
 
     def __init__(self, unit_tokens: Sequence[int], block_size: int, batch_size: int, seed: int, world: int = 1):
         self.unit_tokens = np.asarray(unit_tokens, dtype=np.int64)
         self.block_size, self.batch_size, self.seed, self.world = block_size, batch_size, seed, max(1, world)
-        self.order = lru_cache(maxsize=8)(self._order)
+        # The length of each unit's successor's head, as read (the last unit has none).
+        self.next_head = np.minimum(np.append(self.unit_tokens[1:], 0), head(block_size))
 
-    def _order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """(permutation of all units, start offset of every unit) for one epoch."""
-        rng = np.random.default_rng([self.seed, epoch])
-        return rng.permutation(len(self.unit_tokens)), rng.integers(0, self.block_size, len(self.unit_tokens))
+    def order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        return epoch_order(self.seed, epoch, len(self.unit_tokens), self.block_size)
 
     def units(self, epoch: int, rank: int) -> np.ndarray:
         """The units ``rank`` reads in ``epoch``, in order."""
         return self.order(epoch)[0][rank::self.world]
 
+    def per_epoch(self, rank: int) -> int:
+        """How many units ``rank`` reads in every epoch."""
+        return len(range(rank, len(self.unit_tokens), self.world))
+
+    def windows_per_unit(self, epoch: int) -> np.ndarray:
+        """Windows of every unit in ``epoch``: starts at its offset o, then every block_size, while they start
+        before the next unit's first window (its length + the next offset) and fit in the unit and the head
+        of the next one read with it."""
+        offsets = self.order(epoch)[1]
+        block, n = self.block_size, self.unit_tokens
+        owned = np.append(n[:-1] + offsets[1:], np.iinfo(np.int64).max // 4)  # where the next unit's windows start
+        fit = (n + self.next_head - offsets - block - 1) // block + 1  # windows that end within unit + head
+        upto = -((offsets - owned) // block)  # ceil((owned - offset) / block): windows starting before owned
+        return np.maximum(0, np.minimum(fit, upto))
+
     def batches_in_epoch(self, epoch: int, rank: int) -> int:
         """Batches ``rank`` gets from ``epoch`` (known without reading: windows per unit follow from sizes)."""
-        perm, offsets = self.order(epoch)
-        mine = perm[rank::self.world]
-        windows = np.maximum(0, (self.unit_tokens[mine] - offsets[mine] - 1) // self.block_size)
-        return int(windows.sum()) // self.batch_size
+        return int(self.windows_per_unit(epoch)[self.units(epoch, rank)].sum()) // self.batch_size
 
     def locate(self, rank: int, batches_done: int) -> tuple[int, int]:
         """(epoch, batch within it) of ``rank``'s next batch after ``batches_done`` batches."""
@@ -67,9 +96,34 @@ class EpochPlan:
             batches_done -= n
             epoch += 1
 
-    def epochs_for(self, batches: int) -> int:
-        """How many epochs every worker needs to draw ``batches`` batches."""
-        return 1 + max(self.locate(rank, max(0, batches - 1))[0] for rank in range(self.world))
+    def epochs_for(self, rank: int, epoch: int, skip: int, batches: int) -> int:
+        """An upper bound on the epochs ``rank`` reads from ``epoch`` (of which it skips ``skip`` batches) to
+        draw ``batches`` more, without walking them: every epoch gives at least the batches of its smallest
+        possible deal, each unit at least its windows with the worst offsets (its own below block_size,
+        the next unit's 0)."""
+        n, block = self.unit_tokens, self.block_size
+        worst = np.minimum(-(-(n - block + 1) // block), (n + self.next_head - 2 * block) // block + 1)
+        least = np.sort(np.maximum(0, worst))
+        floor = int(least[:self.per_epoch(rank)].sum()) // self.batch_size
+        if floor == 0:  # units too small for a bound: walk the epochs (only tiny splits get here)
+            end = self.locate(rank, sum(self.batches_in_epoch(e, rank) for e in range(epoch)) + skip
+                              + max(0, batches - 1))[0]
+            return end - epoch + 1
+        return -(-(skip + batches) // floor) + 1
+
+    def coverage(self, epoch: int = 0) -> float:
+        """The share of the split's tokens that some window of ``epoch`` holds (a window holds its
+        block_size + 1 tokens, the last one being a target only)."""
+        offsets, windows = self.order(epoch)[1], self.windows_per_unit(epoch)
+        starts = np.concatenate([[0], np.cumsum(self.unit_tokens)[:-1]]) + offsets  # first window, stream position
+        ends = starts + np.maximum(0, windows - 1) * self.block_size + self.block_size + 1
+        covered, reach = 0, 0
+        for start, end, w in zip(starts, ends, windows):  # the windows of consecutive units touch: merge runs
+            if w == 0:
+                continue
+            covered += max(0, end - max(start, reach))
+            reach = max(reach, end)
+        return covered / max(1, int(self.unit_tokens.sum()))
 
     def too_small(self) -> str:
         need = self.batch_size * (self.block_size + 1)
@@ -80,13 +134,15 @@ class EpochPlan:
 
 def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoch: int, rank: int, skip: int = 0,
                   shuffle_buffer: int = 4096, device: torch.device | str = "cpu") -> Iterator[Batch]:
-    """``rank``'s batches of ``epoch`` from its units' tokens, given as (unit id, tokens) in plan order.
+    """``rank``'s batches of ``epoch`` from its units' tokens, given as (unit id, tokens) in plan order, each
+    unit's tokens followed by the head of the next unit of the stream (as the read stage delivers them).
 
     Windows pass through a buffer of ``shuffle_buffer`` windows; a random one leaves as each new one
     enters (seeded by seed, epoch, rank); at the end of the epoch the rest leave in random order and a
     last partial batch is dropped. The first ``skip`` batches are drawn but not built (resume)."""
     expected = plan.units(epoch, rank)
     offsets = plan.order(epoch)[1]
+    counts = plan.windows_per_unit(epoch)
     total = plan.batches_in_epoch(epoch, rank)
     block, size = plan.block_size, plan.batch_size
     rng = np.random.default_rng([plan.seed, epoch, rank, 1])
@@ -113,9 +169,13 @@ def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoc
         if unit != want:
             raise RuntimeError(f"train stream out of order: got unit {unit}, the plan says {want} (epoch {epoch}, "
                                f"rank {rank}); the dataset must preserve order")
+        need = int(plan.unit_tokens[unit] + plan.next_head[unit])
+        if len(tokens) != need:
+            raise RuntimeError(f"unit {unit} came with {len(tokens)} tokens, its own and the next unit's head make "
+                               f"{need}: the read stage and the plan disagree")
         seen += 1
         start = int(offsets[unit])
-        for i in range((len(tokens) - start - 1) // block):
+        for i in range(int(counts[unit])):
             buffer.append(tokens[start + i * block:start + (i + 1) * block + 1])
             if len(buffer) >= capacity:
                 j = int(rng.integers(len(buffer)))  # swap a random window out: a reservoir-style shuffle

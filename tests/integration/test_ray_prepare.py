@@ -175,7 +175,7 @@ def test_the_val_batches_are_the_same_for_ray_and_local(ray_cluster, tmp_path):
     cfg = cfg_for(tmp_path, root, "data.val_fraction=0.3")
     prepared = prepare(cfg.data, print_fn=lambda s: None)
     ray_tok, val_units = prepared_tokenizer(prepared), split_units(prepared, "val")
-    ray_val = read_units([(path, group) for path, group, _ in val_units])
+    ray_val = read_units(val_units, range(len(val_units)))
     local_tok, _, local_val = prepare_arrays(cfg.data)
     assert sum(len(a) for a in ray_val) == len(local_val) == load_manifest(prepared)["splits"]["val"]["tokens"]
     ray_text = ray_tok.decode(list(np.concatenate(ray_val)))

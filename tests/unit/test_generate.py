@@ -1,7 +1,9 @@
 import pytest
 import torch
 
-from raygpt.generate import TextGenerator, filter_top_k, filter_top_p, generate_tokens, load, sample_next
+from raygpt.generate import (TextGenerator, TextStream, filter_top_k, filter_top_p, generate_batch, generate_tokens,
+                             load, sample_next)
+from raygpt.tokenizer import BytesTokenizer
 from raygpt.local import train_local
 
 from tests.conftest import tiny_config
@@ -88,6 +90,77 @@ def test_cache_and_recompute_agree_and_the_window_slides(trained):
     long_prompt = "def f1(x):\n    return x\n" * 20  # far longer than block_size: cropped from the left
     assert len(gen.tokenizer.encode(long_prompt)) > block
     assert len(gen.generate(long_prompt, max_new_tokens=5, temperature=0)) > 0
+
+
+def test_a_list_is_decoded_together_and_each_text_is_the_one_it_gets_alone(trained):
+    gen = load(trained, device="cpu")
+    prompts = ["def f1(x):\n", "x", "    return x + 1\n\ndef f", ""]  # mixed lengths, one empty
+    for kwargs in (dict(temperature=0), dict(temperature=0.9, top_k=20, seed=7), dict(temperature=1.0, seed=1)):
+        alone = [gen.generate(p, max_new_tokens=25, **kwargs) for p in prompts]
+        assert gen.generate(prompts, max_new_tokens=25, **kwargs) == alone, kwargs
+        assert gen.generate(prompts, max_new_tokens=25, batch_size=3, **kwargs) == alone
+    stopped = gen.generate(prompts, max_new_tokens=40, temperature=0, stop="\n")
+    assert stopped == [gen.generate(p, max_new_tokens=40, temperature=0, stop="\n") for p in prompts]
+    assert all("\n" not in t for t in stopped)
+    assert gen.generate([], max_new_tokens=5) == []
+    with pytest.raises(ValueError, match="batch_size=0 must be an integer of at least 1"):
+        gen.generate(prompts, batch_size=0)
+
+
+def test_one_forward_pass_per_token_for_the_whole_batch(trained):
+    """Rows leave the batch when the caller finishes them, the cache shrinks with them, and the window
+    slides past block_size for every row."""
+    gen = load(trained, device="cpu")
+    block = gen.config.model.block_size
+    calls = []
+    forward = gen.model.forward
+
+    def spy(idx, *args, **kwargs):
+        calls.append(idx.shape[0])
+        return forward(idx, *args, **kwargs)
+
+    gen.model.forward = spy
+    prompts = [gen.tokenizer.encode(p) for p in ("def f1(x):\n", "x", "    return x\n")]
+    finished, seen = set(), {0: 0, 1: 0, 2: 0}
+    for step in generate_batch(gen.model, prompts, 3 * block, temperature=0, finished=finished):
+        for row, _ in step:
+            seen[row] += 1
+        if seen[1] == 10:
+            finished.add(1)  # row 1 is done after 10 tokens
+    assert seen == {0: 3 * block, 1: 10, 2: 3 * block}
+    assert len(calls) == 3 * block and calls[:10] == [3] * 10 and set(calls[10:]) == {2}
+
+
+class Counting(BytesTokenizer):
+    """The bytes tokenizer, counting the ids it decodes."""
+    decoded = 0
+
+    def decode(self, ids):
+        Counting.decoded += len(ids)
+        return super().decode(ids)
+
+
+def test_streamed_text_is_decoded_incrementally():
+    """Each id costs a bounded amount of decoding however long the text (no re-decoding of the output so
+    far), and the pieces join to the whole text: multi-byte characters whose bytes arrive one id at a time,
+    stop strings that span pieces, a stop string that never completes, invalid bytes."""
+    tok = Counting()
+    text = ("naïve café — 東京 🚀 done\n" * 200) + "the end"
+    ids = list(text.encode("utf-8"))
+    stream = TextStream(tok, stops=["THE END", "🚀🚀"])
+    Counting.decoded = 0
+    pieces = [stream.push(i) for i in ids]
+    pieces.append(stream.finish())
+    assert "".join(pieces) == text and not stream.done
+    assert Counting.decoded < 8 * len(ids), Counting.decoded  # a few ids per id pushed (4.4 here), not len**2 / 2
+    assert all("\ufffd" not in p for p in pieces)  # a partial character waits for its bytes
+
+    stream = TextStream(tok, stops=["東京 🚀", "zzz"])
+    shown = "".join(stream.push(i) for i in ids)
+    assert shown == "naïve café — " and stream.done and stream.finish() == ""
+    bad = TextStream(tok)
+    out = "".join(bad.push(i) for i in [0xE6, 0x9D] + [0xFF] * 9 + list(b"ok")) + bad.finish()
+    assert out == tok.decode([0xE6, 0x9D] + [0xFF] * 9 + list(b"ok"))  # shown as decode shows it
 
 
 def test_empty_prompt_starts_a_new_document(trained):

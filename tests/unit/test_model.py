@@ -76,6 +76,30 @@ def test_kv_cache_logits_equal_full_recompute():
         model(idx[:, :1], cache=cache)
 
 
+def test_left_padded_rows_equal_each_row_alone():
+    """Prompts of different lengths in one batch (left padding): each row's logits equal those of the row
+    alone, at the prefill and at every cached step after it. Filler tokens change nothing."""
+    model = make()
+    g = torch.Generator().manual_seed(4)
+    rows = [torch.randint(0, 50, (n,), generator=g) for n in (3, 7, 5)]
+    width, steps = 7, 6
+    pad = torch.tensor([width - len(r) for r in rows])
+    x = torch.stack([torch.cat([torch.full((int(p),), 49), r]) for p, r in zip(pad, rows)])  # filler: id 49
+    nxt = torch.randint(0, 50, (3, steps), generator=g)
+    with torch.no_grad():
+        cache = KVCache.empty(model.config, 3, "cpu", torch.float32)
+        batched = [model(x, cache=cache, pad=pad)[0]] + [model(nxt[:, [t]], cache=cache, pad=pad)[0]
+                                                         for t in range(steps)]
+        recomputed = model(torch.cat([x, nxt], 1), pad=pad)[0]  # no cache, the whole padded batch at once
+        for i, r in enumerate(rows):
+            alone = [model(torch.cat([r, nxt[i, :t]])[None])[0] for t in range(steps + 1)]
+            for t in range(steps + 1):
+                torch.testing.assert_close(batched[t][i], alone[t][0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(recomputed, batched[-1], rtol=1e-5, atol=1e-5)
+        x[0, 0] = 0  # another filler token: the same logits
+        torch.testing.assert_close(model(x, pad=pad)[0], batched[0], rtol=1e-6, atol=1e-6)
+
+
 def test_logits_are_causal():
     model = make()
     a = torch.randint(0, 50, (1, 16), generator=torch.Generator().manual_seed(3))

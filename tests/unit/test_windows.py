@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches, windows
+from raygpt.data.windows import EpochPlan, epoch_batches, fixed_batches, head, windows
 
 
 def test_windows_span_chunk_boundaries_and_cover_every_target():
@@ -12,11 +12,19 @@ def test_windows_span_chunk_boundaries_and_cover_every_target():
                                         [16, 17, 18, 19, 20]]
 
 
-UNITS = [np.arange(i * 1000, i * 1000 + n) for i, n in enumerate([300, 250, 300, 120, 300, 280, 90, 300])]
+SIZES = [300, 250, 300, 120, 300, 280, 90, 300]
+STREAM = np.arange(sum(SIZES))  # a split's token stream: token i is the number i
+UNITS = np.split(STREAM, np.cumsum(SIZES)[:-1])  # its units, in stream order
+
+
+def with_head(unit, block):
+    """A unit's tokens and the head of the next one, as the Ray read stage delivers them."""
+    nxt = UNITS[unit + 1][:head(block)] if unit + 1 < len(UNITS) else STREAM[:0]
+    return np.concatenate([UNITS[unit], nxt])
 
 
 def run_epoch(plan, epoch, rank, skip=0, buffer=32):
-    units = ((int(u), UNITS[u]) for u in plan.units(epoch, rank))
+    units = ((int(u), with_head(int(u), plan.block_size)) for u in plan.units(epoch, rank))
     return list(epoch_batches(units, plan, epoch, rank, skip, buffer))
 
 
@@ -48,12 +56,42 @@ def test_a_resumed_stream_continues_with_exactly_the_same_batches():
 
 def test_an_out_of_order_stream_and_a_too_small_split_are_refused():
     plan = EpochPlan([len(u) for u in UNITS], block_size=16, batch_size=4, seed=3, world=1)
-    wrong = ((int(u), UNITS[u]) for u in reversed(plan.units(0, 0)))
+    wrong = ((int(u), with_head(int(u), 16)) for u in reversed(plan.units(0, 0)))
     with pytest.raises(RuntimeError, match="out of order"):
         list(epoch_batches(wrong, plan, 0, 0))
     tiny = EpochPlan([40, 30], block_size=16, batch_size=8, seed=0, world=2)
     with pytest.raises(ValueError, match="less than one batch"):
         tiny.locate(0, 0)
+
+
+def test_an_epochs_windows_cover_the_stream_and_run_on_into_the_next_unit_only():
+    """Windows start at each unit's offset and continue into the unit that follows in the stream (never a
+    jump to another part of the text); together they cover every token but the stream's very ends."""
+    plan = EpochPlan(SIZES, block_size=16, batch_size=4, seed=5, world=1)
+    seen = np.zeros(len(STREAM), dtype=bool)
+    for x, y in run_epoch(plan, 0, 0):
+        rows = torch.cat([x, y[:, -1:]], dim=1).numpy()  # (B, T + 1) windows
+        assert (np.diff(rows, axis=1) == 1).all()  # consecutive tokens of the stream
+        for row in rows:
+            seen[row] = True
+    first = plan.order(0)[1][0]
+    assert not seen[:first].any()
+    # Missed after the first offset: at most the stream's last partial window and the windows of the last
+    # partial batch (dropped, wherever the shuffle put them).
+    assert (~seen[first:]).sum() <= 16 + 3 * 17
+    assert plan.coverage(0) == pytest.approx(seen.sum() / len(STREAM), abs=3 * 17 / len(STREAM))
+
+
+def test_coverage_at_gpt2_block_size_and_the_epoch_bound():
+    """8192-token units (the prepared layout) at block 1024: an epoch's windows hold over 99% of the tokens
+    (units cut on their own lost 13%); epochs_for never promises fewer epochs than a walk through them."""
+    plan = EpochPlan([8192] * 300 + [5000], block_size=1024, batch_size=4, seed=0, world=2)
+    assert plan.coverage(0) > 0.99 and plan.coverage(3) > 0.99
+    for rank in range(2):
+        for batches in (1, 100, 2000, 5000):
+            bound = plan.epochs_for(rank, 0, 0, batches)
+            walked = plan.locate(rank, batches - 1)[0] + 1
+            assert walked <= bound <= walked + 2, (rank, batches, walked, bound)
 
 
 def test_fixed_val_batches_are_the_same_windows_however_the_stream_is_chunked():
