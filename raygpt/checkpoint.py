@@ -53,8 +53,15 @@ def unwrap(model: nn.Module) -> nn.Module:
 def save_checkpoint(path: str | Path, model: nn.Module, config: Config, tokenizer: Tokenizer, *,
                     optimizer: Optional[torch.optim.Optimizer] = None, scaler=None, train_state=None,
                     rng: Optional[dict] = None, data_state: Optional[dict] = None,
-                    metrics: Optional[dict] = None) -> Path:
-    """Write a checkpoint directory at ``path`` atomically (replacing one already there)."""
+                    metrics: Optional[dict] = None, whole: Optional[tuple[dict, dict]] = None) -> Path:
+    """Write a checkpoint directory at ``path`` atomically (replacing one already there). ``whole``: the
+    (model, optimizer) state dicts of a sharded model, gathered (raygpt.parallel.full_state), written in
+    place of ``model``'s and ``optimizer``'s own, so the files are the same whatever the strategy."""
+    if whole is not None:
+        from raygpt.model import GPT
+
+        model = GPT(config.model)
+        model.load_state_dict(whole[0])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -65,7 +72,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: Config, tokenize
         if train_state is not None:
             state["train"] = asdict(train_state)
         if optimizer is not None:
-            state["optimizer"] = optimizer.state_dict()
+            state["optimizer"] = whole[1] if whole is not None else optimizer.state_dict()
         if scaler is not None:
             state["scaler"] = scaler.state_dict()
         torch.save(state, tmp / STATE)

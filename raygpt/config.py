@@ -88,6 +88,9 @@ class TrainConfig:
     # auto: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU.
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
+    # Recompute each transformer block in backward instead of keeping its activations (less memory, about
+    # a third more compute): for models or batches that do not fit otherwise. Any strategy, and --local.
+    activation_checkpointing: bool = False
     # Peak FLOP/s of one device for MFU (None: looked up for known GPUs, no MFU on CPU).
     peak_flops: Optional[float] = None
     out_dir: str = "runs"
@@ -100,6 +103,12 @@ class TrainConfig:
 class RayConfig:
     # 0 runs Ray Train's local mode: the train function in the driver process, no worker actors.
     num_workers: int = 1
+    # ddp: every worker holds the whole model, its gradients and optimizer state. fsdp: each holds 1/N of
+    # them (FSDP2, one unit per transformer block), gathered block by block as the step needs them.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    # fsdp only: workers per sharded copy of the model (None: all of them). Smaller than ray.num_workers, it
+    # is hybrid sharding (HSDP): shard inside groups of this many (a node's GPUs), replicate across groups.
+    fsdp_shard_size: Optional[int] = None
     use_gpu: Optional[bool] = None  # None: use GPUs when the cluster has them
     # None: the cluster's CPUs shared out over the workers (1 worker on 2 cores gets 2; 2 workers get 1 each).
     cpus_per_worker: Optional[float] = None
@@ -341,6 +350,19 @@ def validate(cfg: Config) -> None:
             raise ConfigError("ray.fail_in=checkpoint needs ray.fail_rank=0 (rank 0 writes the checkpoints)")
         if r.storage_path and "://" in r.storage_path:
             raise ConfigError("ray.fail_at_step needs a local ray.storage_path (it leaves a marker file there)")
+    positive("ray.fsdp_shard_size", r.fsdp_shard_size)
+    if r.fsdp_shard_size is not None:
+        if r.strategy != "fsdp":
+            raise ConfigError(f"ray.fsdp_shard_size={r.fsdp_shard_size} needs ray.strategy=fsdp (it is {r.strategy})")
+        if max(1, r.num_workers) % r.fsdp_shard_size:
+            raise ConfigError(f"ray.fsdp_shard_size={r.fsdp_shard_size} does not divide ray.num_workers="
+                              f"{r.num_workers}: each group of that many workers holds one sharded copy")
+    if r.strategy == "fsdp" and r.num_workers == 0:
+        raise ConfigError("ray.strategy=fsdp needs Ray Train workers (ray.num_workers >= 1): local mode runs one "
+                          "process without a process group to shard over")
+    if r.strategy == "fsdp" and t.precision == "fp16":
+        raise ConfigError("ray.strategy=fsdp trains in bf16 or fp32, not fp16 (no sharded GradScaler here): set "
+                          "train.precision=bf16 or fp32, or use ray.strategy=ddp on GPUs without bf16")
     positive("ray.cpus_per_worker", r.cpus_per_worker)
     positive("ray.threads_per_worker", r.threads_per_worker)
     if s.eval_tokens < 0:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import importlib
 import logging
 import os
 import sys
@@ -30,7 +31,8 @@ from raygpt.metrics import RayMetrics, install_grafana_dashboard
 from raygpt.runs import (build_training, check_sample_prompt, format_progress, name_run, report_sample,
                          resume_points, with_vocab)
 from raygpt.tracking import WandbLogger
-from raygpt.train import rng_state, train_loop
+from raygpt.parallel import full_state, is_sharded, shard
+from raygpt.train import resolve_precision, rng_state, train_loop
 
 
 def format_startup(clock: dict) -> str:
@@ -82,6 +84,20 @@ def gather(item, world: int) -> list:
     return out
 
 
+def sharding(cfg: Config, world: int, device: torch.device):
+    """What build_training applies under ray.strategy=fsdp: FSDP2 over the workers (None under ddp)."""
+    if cfg.ray.strategy != "fsdp":
+        return None
+    precision = resolve_precision(cfg.train.precision, device)
+    return lambda model: shard(model, world, cfg.ray.fsdp_shard_size, precision)
+
+
+def mesh_text(cfg: Config, world: int) -> str:
+    size = cfg.ray.fsdp_shard_size
+    return (f"each worker holds 1/{world} of the model" if size is None else
+            f"HSDP: {world // size} cop{'y' if world == size else 'ies'}, each sharded over {size} worker(s)")
+
+
 def train_func(config: dict) -> None:
     """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train."""
     clock = dict(config.get("clock") or {}, worker=time.time())  # bench loops may pass none
@@ -96,6 +112,10 @@ def train_func(config: dict) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(cfg.ray.threads_per_worker or max(1, int(cfg.ray.cpus_per_worker)))
     device = ray.train.torch.get_device()
+    if cfg.ray.strategy == "fsdp" and resolve_precision(cfg.train.precision, device) == "fp16":
+        # fp16 needs a sharded GradScaler, which raygpt does not use: on GPUs without bf16 (precision=auto
+        # picks fp16 there) a sharded run computes in fp32 (the "train:" line says which).
+        cfg.train = dataclasses.replace(cfg.train, precision="fp32")
     checkpoint = ray.train.get_checkpoint()
     # Ray's latest checkpoint is the last one whose report reached its controller from every worker; when a
     # worker dies, rank 0 may already have written newer ones (reports are collected by polling). Resume
@@ -104,8 +124,11 @@ def train_func(config: dict) -> None:
     with checkpoint.as_directory() if checkpoint is not None else contextlib.nullcontext() as d:
         candidates = [Path(p) for p in (d, newest) if p is not None]
         resume = max(candidates, key=lambda p: read_meta(p)["step"], default=None)
-        t = build_training(cfg, device, resume=resume, rank=rank, world=world)
-    model = ray.train.torch.prepare_model(t.model) if world > 1 else t.model
+        t = build_training(cfg, device, resume=resume, rank=rank, world=world, shard=sharding(cfg, world, device))
+    fsdp = is_sharded(t.model)
+    # DDP through Ray Train; FSDP2 is applied in build_training, inside this worker, on the process group
+    # Ray Train set up (its own prepare_model(parallel_strategy="fsdp") is FSDP1 and refuses CPU workers).
+    model = ray.train.torch.prepare_model(t.model) if world > 1 and not fsdp else t.model
     position = dict(t.data_state)  # updated by the iterator as epochs go by
     batches = train_batches(cfg, config["train_unit_tokens"], t.state.tokens_seen, position)
     if cfg.ray.fail_at_step is not None:
@@ -116,6 +139,7 @@ def train_func(config: dict) -> None:
     say = (lambda s: None) if config.get("quiet") else (lambda s: print(s, flush=True))
     if rank == 0:
         say(f"train: {world} worker(s) on {device} {t.precision}"
+            + (f", fsdp ({mesh_text(cfg, world)})" if fsdp else "")
             + (f", resuming at step {t.state.step}" if resume is not None else ""))
         if t.note:
             say(f"resume: {t.note}")
@@ -136,15 +160,19 @@ def train_func(config: dict) -> None:
                 tracker.log(metrics)
             if "val_loss" in metrics:
                 report_sample(model, tokenizer, cfg, t.precision, state.step, say, tracker)
+        elif fsdp and "val_loss" in metrics:  # every rank decodes the sample (a sharded forward is collective)
+            report_sample(model, tokenizer, cfg, t.precision, state.step, lambda s: None)
         # Each rank's own random state goes into the checkpoint (rank 0 writes it): gathered from all ranks.
         rng = {"ranks": gather(rng_state(device), world)} if checkpoint else None
+        # A sharded model's weights and optimizer state, whole, on rank 0 (a collective).
+        whole = full_state(model, t.optimizer) if checkpoint and fsdp else None
         if not checkpoint or rank != 0:
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, tokenizer, optimizer=t.optimizer,
                                    scaler=t.scaler, train_state=state, rng=rng,
-                                   data_state=dict(position), metrics=metrics)
+                                   data_state=dict(position), metrics=metrics, whole=whole)
             if cfg.ray.fail_at_step is not None and _fault_due(cfg, config["run_path"], 0, state.step, "checkpoint"):
                 _die_mid_upload(path, Path(config["run_path"]) / f"step_{state.step:06d}")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
@@ -298,6 +326,9 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     use_gpu = wants_gpu(cfg)
     cfg = resolve_cpus(cfg)
     check_resources(cfg, use_gpu)
+    if cfg.ray.strategy == "fsdp" and not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"):
+        raise ConfigError(f"ray.strategy=fsdp needs FSDP2 (torch.distributed.fsdp.fully_shard, torch 2.6 and "
+                          f"later); this torch is {torch.__version__}: upgrade torch or use ray.strategy=ddp")
     name_run(cfg)
     storage = cfg.ray.storage_path or str(Path(cfg.train.out_dir).resolve())
     # Everything a worker would trip on is checked here, before any worker starts.

@@ -12,7 +12,7 @@ import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -21,6 +21,7 @@ from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoi
                                restore_training, save_checkpoint, unwrap)
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
+from raygpt.parallel import checkpoint_blocks, load_optimizer
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.generate import check_prompt, generate_tokens
 from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_device,
@@ -90,10 +91,12 @@ class Training:
 
 
 def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = None, rank: int = 0,
-                   world: int = 1) -> Training:
+                   world: int = 1, shard: Optional[Callable[[nn.Module], nn.Module]] = None) -> Training:
     """Model, optimizer and scaler from cfg (model.vocab_size must be set), restored from ``resume``, for
     data-parallel rank ``rank`` of ``world``: every rank builds the same initial weights, then draws from
-    random streams of its own (seed + rank), saved and restored per rank (rank_states)."""
+    random streams of its own (seed + rank), saved and restored per rank (rank_states). ``shard`` (FSDP:
+    raygpt.parallel.shard) is applied to the model, with its weights loaded, before the optimizer is built;
+    the optimizer state a checkpoint holds (unsharded) is then split over the ranks."""
     precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         # fp32 matmuls on tensor cores (TF32), as nanoGPT does; the MFU table's fp32 peak assumes it.
@@ -106,9 +109,15 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     if resume is not None:
         saved_model, _, _, saved = load_checkpoint(resume, device=device)
         model.load_state_dict(saved_model.state_dict())
+    if cfg.train.activation_checkpointing:
+        checkpoint_blocks(model)
+    if shard is not None:
+        model = shard(model)
     optimizer = configure_optimizer(model, cfg.optim, device)
     scaler = make_scaler(device, precision)
     if resume is not None:
+        if shard is not None and "optimizer" in saved:
+            load_optimizer(model, optimizer, saved.pop("optimizer"))
         state, rng, data_state = restore_training(saved, optimizer, scaler)
         state.resumed_from.append(state.step)
         saved_states = rank_states(rng)

@@ -209,7 +209,9 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     """One optimizer step over ``grad_accum`` micro-steps. Returns loss (mean over micro-steps) and the
     gradient norm before clipping as 0-d tensors on the device (reading them would make the host wait for
     the device: train_loop does that on log steps only), the lr, and ``data_s``, the seconds spent waiting
-    for batches. Under DDP the all-reduce runs on the last micro-step only."""
+    for batches. Under DDP the all-reduce runs on the last micro-step only; under FSDP every micro-step
+    reduce-scatters its gradients (they stay sharded) and, under HSDP, the last one all-reduces them across
+    the copies."""
     for group in optimizer.param_groups:
         group["lr"] = lr
     loss_sum = torch.zeros((), device=next(model.parameters()).device)
@@ -220,6 +222,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
         data_s += time.perf_counter() - waited
         last = micro_step == grad_accum - 1
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        if hasattr(model, "set_requires_all_reduce"):  # HSDP: across the copies, once a step
+            model.set_requires_all_reduce(last)
         with sync:
             with amp_context():
                 _, loss = model(x, y)
@@ -228,6 +232,8 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scaler: torch
     scaler.unscale_(optimizer)
     # clip_grad_norm_ returns the norm before clipping; max_norm=inf measures without clipping.
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip if grad_clip > 0 else float("inf"))
+    if hasattr(grad_norm, "full_tensor"):  # a sharded model's norm is over all shards: a replicated DTensor
+        grad_norm = grad_norm.full_tensor()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
@@ -253,10 +259,16 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], eval_steps: int,
     model.eval()
     device = chosen[0][0].device
     total = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of batch losses, batches)
-    for x, y in chosen[rank::world]:
+    mine = chosen[rank::world]
+    # A sharded model's forward is a collective (it gathers each block's weights): every rank runs as many
+    # as the rank with the most batches, the extra ones not counted.
+    rounds = -(-len(chosen) // world) if hasattr(model, "set_requires_gradient_sync") else len(mine)
+    for i in range(rounds):
+        x, y = mine[i] if i < len(mine) else chosen[0]
         with amp_context():
             _, loss = model(x, y)
-        total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
+        if i < len(mine):
+            total += torch.stack([loss.double(), torch.ones((), dtype=torch.float64, device=device)])
     model.train(was_training)
     if world > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.all_reduce(total)
