@@ -233,12 +233,17 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
         tuner = ray.tune.Tuner.restore(str(exp_dir), trainable=trainable, resume_unfinished=True,
                                        resume_errored=True)
     else:
+        # The search space goes to the searcher itself, not to Tuner(param_space=): Tune hands a param_space
+        # to the searcher only when fit() starts, after it has saved the Tuner, so a driver killed before the
+        # searcher's own first save left an experiment whose --resume could not draw the trials still to come
+        # ("no search space has been defined").
         tuner = ray.tune.Tuner(
-            trainable, param_space=_domains(settings),
+            trainable,
             tune_config=ray.tune.TuneConfig(
                 metric=METRIC, mode="min", num_samples=settings.samples, max_concurrent_trials=concurrent,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
-                search_alg=OptunaSearch(seed=settings.seed),
+                search_alg=OptunaSearch(space=OptunaSearch.convert_search_space(_domains(settings)), metric=METRIC,
+                                        mode="min", seed=settings.seed),
                 scheduler=_scheduler(grace, base.train.max_steps, settings.reduction_factor)),
             run_config=ray.tune.RunConfig(name=name, storage_path=str(exp_dir.parent), verbose=0,
                                           callbacks=callbacks))
