@@ -124,7 +124,8 @@ def measure_training(cfg: Config, device: torch.device, steps: int, warmup: int,
             "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 
-def measure_generation(cfg: Config, device: torch.device, precision: str, n_tokens: int) -> list[dict]:
+def measure_generation(cfg: Config, device: torch.device, precision: str, n_tokens: int,
+                       sliding: bool = True) -> list[dict]:
     """Greedy generation from a 1-token prompt with and without the KV cache: once inside the window
     (both paths see the same context, so the ids must agree) and once over 2 x block_size (the window
     slides: the cache is refilled every block_size/4 tokens, the uncached path re-reads a full block)."""
@@ -144,7 +145,8 @@ def measure_generation(cfg: Config, device: torch.device, precision: str, n_toke
     for use_cache in (True, False):  # warm-up: first kernel launches, the allocator
         timed(min(8, block), use_cache)
     rows = []
-    for label, n in (("within block", min(n_tokens, block)), ("2 x block (sliding)", 2 * block)):
+    lengths = [("within block", min(n_tokens, block))] + ([("2 x block (sliding)", 2 * block)] if sliding else [])
+    for label, n in lengths:
         # Alternate the two paths and keep the median of each: one short burst is at the mercy of whatever
         # else runs on the machine, and alternating exposes both paths to the same noise.
         ids, speeds = {}, {True: [], False: []}  # keyed by use_cache
@@ -191,7 +193,7 @@ def measure_batched_generation(cfg: Config, device: torch.device, precision: str
 
     speeds: dict = {"batched": [], "one at a time": []}
     ids: dict = {}
-    for name, fn in (("batched", together), ("one at a time", one_by_one)):
+    for fn in (together, one_by_one):
         fn()  # warm-up
     for _ in range(GEN_REPEATS):
         for name, fn in (("batched", together), ("one at a time", one_by_one)):
@@ -235,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
                    "(capped at block_size; 0 skips generation)")
     p.add_argument("--gen-batch", type=int, default=8, help="prompts for the batched-generation measurement "
                    "(0 skips it)")
+    p.add_argument("--no-sliding", action="store_true", help="skip the 2 x block_size generation row (at GPT-2 "
+                   "size it takes minutes on one GPU: 2,048 tokens x 2 paths x 3 repeats, launch-bound)")
     p.add_argument("--matrix", action="store_true", help="train rows for fp32, bf16 and bf16+compile")
     p.add_argument("--host-sync", action="store_true", help="each row twice: as train_loop runs (the device "
                    "waited for at reports) and reading the loss after every step (raygpt before 2026-11-29)")
@@ -281,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
                  "peak mem", "loss", "warm-up s"], rows))
 
     if args.gen_tokens:
-        gen = measure_generation(cfg, device, precision, args.gen_tokens)
+        gen = measure_generation(cfg, device, precision, args.gen_tokens, sliding=not args.no_sliding)
         result["generation"] = {"precision": precision, "rows": gen}
         print(f"\ngeneration: greedy, 1-token prompt, batch 1, {precision}")
         print(table(["measurement", "tokens", "cache tok/s", "no-cache tok/s", "speed-up", "same ids"],

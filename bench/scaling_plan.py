@@ -4,7 +4,7 @@
 
 Estimates, not measurements: nothing here runs a model, and no Ray or torch.distributed is started. Every
 figure comes from the config and the formulas in docs/scaling.md (which cites their sources); the hardware
-figures are flags. `model_state_bytes` gives the exact bytes a rank holds for fp32 parameters, gradients
+figures are flags. `planned_state_bytes` gives the exact bytes a rank holds for fp32 parameters, gradients
 and AdamW moments, for tests to compare with a real sharded model (raygpt.parallel.model_state_bytes).
 """
 
@@ -49,8 +49,8 @@ def local_numel(shape: tuple[int, ...], shards: int, index: int) -> int:
     return rows * math.prod(shape[1:])
 
 
-def model_state_bytes(cfg: Config, strategy: str, world: int, shard_size: int | None = None, *,
-                      rank: int = 0) -> dict:
+def planned_state_bytes(cfg: Config, strategy: str, world: int, shard_size: int | None = None, *,
+                        rank: int = 0) -> dict:
     """Bytes rank ``rank`` holds for parameters, gradients and AdamW state in fp32 training (what a CPU run
     holds): 4 + 4 + 8 (exp_avg, exp_avg_sq) bytes per element of its parameters. ddp: the whole model.
     fsdp: each parameter's dim-0 chunk of ``shard_size`` shards (None or 0: ``world``; fewer than ``world``
@@ -106,7 +106,7 @@ def memory_rows(cfg: Config, f: dict, world: int, shard: int, accum: int, micro_
     m, P = cfg.model, f["params"]
     rows = []
     for name, strategy, s in strategies(world, shard):
-        state = model_state_bytes(cfg, strategy, world, s)
+        state = planned_state_bytes(cfg, strategy, world, s)
         if strategy == "ddp":
             # DDP's gradient buckets (Ray's prepare_model leaves gradient_as_bucket_view off): another fp32 copy
             # of the gradients; autocast's bf16 copies of every Linear weight, held from forward to backward.
@@ -181,7 +181,10 @@ def plan(cfg: Config, a: argparse.Namespace) -> dict:
                         "run_hours": t.max_steps * sec / 3600, "data_mb_s_node": tokens / sec / nodes * 4 / 1e6}
     weights = 4 * f["params"]
     ckpt = weights + 8 * f["params"]  # model.safetensors (fp32) + trainer_state.pt (AdamW moments, fp32)
-    write_s = ckpt / (a.ckpt_gbps * 1e9) + ckpt / (a.ib_gbps * 1e9)  # gather to rank 0, then one writer
+    # DDP: rank 0 writes it all. FSDP: every rank writes its own shard (torch.distributed.checkpoint), each node
+    # its share, all at once; replicated copies (HSDP) are written once.
+    writers = nodes if cfg.ray.strategy == "fsdp" else 1
+    write_s = ckpt / (a.ckpt_gbps * 1e9 * writers)
     mtbf_s = a.node_mtbf_hours / nodes * 3600
     interval_s = math.sqrt(2 * write_s * mtbf_s)  # Young (1974); Daly (2006) adds terms that matter when
     mid = compute[a.mfu[len(a.mfu) // 2]]["step_s"]  # the write time nears the MTBF, not here
@@ -199,7 +202,7 @@ def plan(cfg: Config, a: argparse.Namespace) -> dict:
         "comm": comm,
         "compute": [{"mfu_assumed": k, **v} for k, v in compute.items()],
         "checkpoint": {"bytes": ckpt, "weights_fp32": weights, "weights_bf16": 2 * f["params"],
-                       "write_s": write_s, "node_mtbf_h": a.node_mtbf_hours, "cluster_mtbf_h": mtbf_s / 3600,
+                       "write_s": write_s, "writer_nodes": writers, "node_mtbf_h": a.node_mtbf_hours, "cluster_mtbf_h": mtbf_s / 3600,
                        "interval_s": interval_s, "interval_steps": interval_s / mid,
                        "config_interval_s": t.checkpoint_interval * mid,
                        # writing, plus on each failure half an interval re-done and the restart itself
@@ -250,7 +253,8 @@ def show(p: dict) -> str:
     C = p["checkpoint"]
     out += ["", f"checkpoint {C['bytes'] / 1e9:,.1f} GB (weights fp32 {C['weights_fp32'] / 1e9:,.1f} GB + AdamW "
             f"{(C['bytes'] - C['weights_fp32']) / 1e9:,.1f} GB; bf16 weights alone {C['weights_bf16'] / 1e9:,.1f} GB), "
-            f"written in {C['write_s']:,.0f} s (gather to rank 0, then one writer at {A['ckpt_gbps']:g} GB/s)",
+            f"written in {C['write_s']:,.1f} s ({C['writer_nodes']} node(s) writing at {A['ckpt_gbps']:g} GB/s each"
+            + (": every rank its own shard)" if C["writer_nodes"] > 1 or p["strategy"] == "fsdp" else ": rank 0 alone)"),
             f"MTBF {C['node_mtbf_h']:,.0f} h per node -> {C['cluster_mtbf_h']:,.0f} h for {p['nodes']} node(s); "
             f"Young/Daly interval sqrt(2 x {C['write_s']:,.0f} s x MTBF) = {C['interval_s'] / 60:,.0f} min = "
             f"{C['interval_steps']:,.0f} steps at the middle MFU, time lost {C['overhead']:.2%} (writes, re-done "
@@ -277,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--mfu", type=float, nargs="+", default=[0.35, 0.45, 0.55], help="assumed utilizations")
     p.add_argument("--gpu-mem-gib", type=float, default=80.0, help="memory per GPU (H100: 80, H200: 140)")
     p.add_argument("--ckpt-gbps", type=float, default=1.0,
-                   help="GB/s of rank 0 writing a checkpoint: local write, fsync, sha256, Ray's copy to storage")
+                   help="GB/s of one node writing checkpoint files: local write, fsync, sha256, Ray's copy to "
+                        "storage (DDP: rank 0 writes all; FSDP: every node writes its ranks' shards at once)")
     p.add_argument("--restart-min", type=float, default=10.0, help="minutes from a failure back to training")
     p.add_argument("--node-mtbf-hours", type=float, default=round(LLAMA3_NODE_MTBF_H),
                    help="mean time between interruptions of one node (default: Llama 3's rate)")

@@ -1,4 +1,4 @@
-"""`raygpt prepare|train|tune|generate ...`: the command line, and what jobs/*.py call.
+"""`raygpt prepare|train|tune|generate|export ...`: the command line, and what jobs/*.py call.
 
     raygpt train configs/default.yaml model.n_layer=6 optim.lr=3e-4
     raygpt generate runs/NAME "def main(" --max-new-tokens 100 --temperature 0.8 --top-k 50
@@ -249,7 +249,27 @@ def cmd_generate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate}
+def cmd_export(argv: Sequence[str]) -> int:
+    p = command_parser("export", "Write any raygpt checkpoint as a single-file one (model.safetensors; the optimizer\n"
+                       "state in trainer_state.pt): a sharded (ray.strategy=fsdp) checkpoint is consolidated\n"
+                       "in this one process, no cluster needed.")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("out", help="the new checkpoint directory (must not exist)")
+    p.add_argument("--weights-only", action="store_true",
+                   help="leave the optimizer state out (for inference; a resume from it restarts AdamW's moments)")
+    a = p.parse_args(argv)
+    from raygpt.checkpoint import export_checkpoint, read_meta
+
+    out = export_checkpoint(a.checkpoint, a.out, weights_only=a.weights_only)
+    meta = read_meta(out)
+    size = sum(f["bytes"] for f in meta["files"].values())
+    print(f"exported: {out} (step {meta['step']}, {size / 1e6:,.1f} MB"
+          + (", weights only" if a.weights_only else "") + ")")
+    return 0
+
+
+COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate,
+            "export": cmd_export}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -261,6 +281,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "                                   --local trains in this process without Ray; --wandb logs to W&B\n"
               "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune\n"
               "  generate CHECKPOINT [PROMPT]     sample text\n"
+              "  export CHECKPOINT OUT            a single-file copy of a checkpoint (consolidates a sharded one)\n"
               "raygpt COMMAND --help lists a command's arguments and the config keys worth knowing",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

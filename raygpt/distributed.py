@@ -29,9 +29,9 @@ from raygpt.data.pipeline import load_manifest, prepare, prepared_tokenizer, spl
 from raygpt.data.sources import check_writable
 from raygpt.metrics import RayMetrics, install_grafana_dashboard
 from raygpt.runs import (build_training, check_sample_prompt, format_progress, name_run, report_sample,
-                         resume_points, with_vocab)
+                         resume_points, skipped_lines, with_vocab)
 from raygpt.tracking import WandbLogger
-from raygpt.parallel import full_state, is_sharded, shard
+from raygpt.parallel import is_sharded, shard
 from raygpt.train import resolve_precision, rng_state, train_loop
 
 
@@ -68,10 +68,11 @@ def _with_fault(cfg: Config, run_path: str, rank: int, batches: Iterator, state)
 
 def _die_mid_upload(saved: Path, dest: Path) -> None:
     """ray.fail_in=checkpoint: leave what a copy to storage that died half-way leaves, then exit hard."""
-    dest.mkdir(parents=True, exist_ok=True)
-    for f in sorted(saved.iterdir()):
+    for f in sorted(p for p in saved.rglob("*") if p.is_file()):
         data = f.read_bytes()
-        (dest / f.name).write_bytes(data if f.suffix != ".safetensors" else data[:len(data) // 2])
+        out = dest / f.relative_to(saved)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(data if f.suffix not in (".safetensors", ".distcp") else data[:len(data) // 2])
     os._exit(1)
 
 
@@ -164,15 +165,15 @@ def train_func(config: dict) -> None:
             report_sample(model, tokenizer, cfg, t.precision, state.step, lambda s: None)
         # Each rank's own random state goes into the checkpoint (rank 0 writes it): gathered from all ranks.
         rng = {"ranks": gather(rng_state(device), world)} if checkpoint else None
-        # A sharded model's weights and optimizer state, whole, on rank 0 (a collective).
-        whole = full_state(model, t.optimizer) if checkpoint and fsdp else None
-        if not checkpoint or rank != 0:
+        # Under DDP rank 0 writes the checkpoint; under FSDP every rank writes its shard (a collective), each
+        # in a directory of its own, and Ray Train merges the ranks' directories into one in storage.
+        if not checkpoint or (rank != 0 and not fsdp):
             ray.train.report(metrics)
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, tokenizer, optimizer=t.optimizer,
                                    scaler=t.scaler, train_state=state, rng=rng,
-                                   data_state=dict(position), metrics=metrics, whole=whole)
+                                   data_state=dict(position), metrics=metrics)
             if cfg.ray.fail_at_step is not None and _fault_due(cfg, config["run_path"], 0, state.step, "checkpoint"):
                 _die_mid_upload(path, Path(config["run_path"]) / f"step_{state.step:06d}")
             ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
@@ -348,6 +349,8 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     print_fn(f"train: {manifest['splits']['train']['tokens']:,} train tokens ({100 * plan.coverage():.1f}% of them in "
              f"an epoch's windows), run {cfg.train.run_name!r} in {storage}"
              + (f", resuming from step {max(p.step for p in resumes)}" if resumes else ""))
+    for line in skipped_lines(Path(storage) / cfg.train.run_name) if "://" not in storage else []:
+        print_fn(line)
     scaling = ScalingConfig(num_workers=cfg.ray.num_workers, use_gpu=use_gpu,
                             resources_per_worker={"CPU": cfg.ray.cpus_per_worker})
     run = RunConfig(name=cfg.train.run_name, storage_path=storage,

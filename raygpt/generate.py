@@ -319,13 +319,9 @@ def load(path, device: Union[str, torch.device, None] = None, check: bool = True
     (anything with ``to_directory()``, e.g. ``result.checkpoint``). ``device``: None picks CUDA, then
     MPS, then CPU."""
     device = resolve_device("auto" if device is None else str(device))
-    path = _local_path(path)
-    from raygpt.checkpoint import latest_checkpoint, META
+    from raygpt.checkpoint import resolve_checkpoint
 
-    if path.is_dir() and not (path / META).exists():
-        found = latest_checkpoint(path)
-        if found is not None:
-            path = found
+    path = resolve_checkpoint(_local_path(path))
     model, config, tokenizer, _ = load_checkpoint(path, device=device, check=check)
     return TextGenerator(model, tokenizer, config, device)
 

@@ -20,7 +20,7 @@ from raygpt.data.corpus import prepare_arrays
 from raygpt.data.sources import check_writable
 from raygpt.data.windows import fixed_batches
 from raygpt.runs import (build_training, check_sample_prompt, device_for, find_resume, format_progress,
-                         report_sample, run_dir, save_run_checkpoint, with_vocab)
+                         report_sample, run_dir, save_run_checkpoint, skipped_lines, with_vocab)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.tracking import WandbLogger
 from raygpt.train import TokenBatches, train_loop
@@ -60,6 +60,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
              + (f" | resuming {resume.name} (step {t.state.step})" if resume else ""))
     if t.note:
         print_fn(f"resume: {t.note}")
+    for line in skipped_lines(path):
+        print_fn(line)
 
     block, batch = cfg.model.block_size, cfg.train.batch_size
     train_batches = TokenBatches(train_ids, block, batch, cfg.train.seed, device)

@@ -4,6 +4,7 @@ No Ray here: the functions take an initialized torch.distributed process group (
 sets it up in each worker; the same code runs on CPU with gloo and on GPUs with NCCL).
 
     model = shard(model, world=4, shard_size=2, precision="bf16")   # HSDP: 2 groups of 2, each sharded
+    save_shards(directory, model, optimizer)                      # every rank its own file (DCP)
 
 Each transformer block is one FSDP unit; the root unit holds the rest (wte, wpe, ln_f and lm_head, whose
 weight is wte's when tied: the pair must share a unit). Parameter names do not change, so state dicts, the
@@ -12,6 +13,7 @@ optimizer's decay groups and checkpoints look as they do without sharding.
 
 from __future__ import annotations
 
+import warnings
 from typing import Optional
 
 import torch
@@ -65,27 +67,58 @@ def local_value(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
 
-def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
-    """(model state dict, optimizer state dict) of a sharded model, whole, on CPU, in the layout an unsharded
-    model and ``optimizer.state_dict()`` have (the optimizer's state keyed by parameter index). A collective:
-    every rank calls it; only rank 0's copies are filled."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
+def _tensors(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> dict:
+    """What a sharded checkpoint holds, in torch.distributed.checkpoint's layout: the model's state (the local
+    shards of a sharded model, plain tensors otherwise) and the optimizer's, keyed by parameter name, so a
+    checkpoint loads into any sharding of the same model. A tied weight is stored once, under its first name
+    (lm_head.weight is wte's)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    by_name = get_optimizer_state_dict(model, optimizer, options=options)
-    if not by_name:  # ranks other than 0 get nothing (cpu_offload puts the whole state on rank 0 only)
-        return weights, {}
-    names = [name for group in by_name["param_groups"] for name in group["params"]]
-    index = {name: i for i, name in enumerate(names)}
-    state = {index[name]: value for name, value in by_name["state"].items()}
-    groups = [{**g, "params": [index[n] for n in g["params"]]} for g in by_name["param_groups"]]
-    return weights, {"state": state, "param_groups": groups}
+    seen, weights = set(), {}
+    for name, value in get_model_state_dict(model).items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            weights[name] = value
+    out = {"model": weights}
+    if optimizer is not None:
+        # An optimizer that has not stepped yet gets its state made here (a step with zero gradients and lr 0),
+        # for the load to fill.
+        out["optimizer"] = get_optimizer_state_dict(model, optimizer)
+    return out
+
+
+def save_shards(directory, model: nn.Module, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """torch.distributed.checkpoint: every rank writes its own shard of the model and optimizer state into its
+    ``directory`` (a file per rank; rank 0 also writes the index, .metadata). A collective when the model is
+    sharded: every rank calls it, each with a directory of its own or one shared by all."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save(_tensors(model, optimizer), storage_writer=dcp.FileSystemWriter(str(directory)),
+             no_dist=not is_sharded(model))
+
+
+def load_shards(directory, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+    """Load what save_shards wrote, whatever the sharding then and now: into a sharded model each rank reads the
+    pieces of its own shard (a collective), into a plain model (one process, no process group needed, or each
+    DDP rank alone) everything. DCP reshards, so a checkpoint of N ranks loads into M."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = _tensors(model, optimizer)
+    with warnings.catch_warnings():
+        # DCP warns that it "assumes the intent is to load in a single process" when there is no process group:
+        # it is the intent (raygpt.load, raygpt export).
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, storage_reader=dcp.FileSystemReader(str(directory)), no_dist=not is_sharded(model))
+    # the tied lm_head.weight is wte's and was loaded with it (strict=False lets it be absent)
+    set_model_state_dict(model, state["model"], options=StateDictOptions(strict=False))
+    if optimizer is not None:
+        set_optimizer_state_dict(model, optimizer, state["optimizer"])
 
 
 def load_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer, saved: dict) -> None:
-    """Load an ``optimizer.state_dict()`` written without sharding (or by full_state) into the optimizer of
+    """Load an ``optimizer.state_dict()`` written without sharding (a single-file checkpoint's) into the optimizer of
     a sharded model: each rank keeps its own shard of every moment."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 

@@ -17,8 +17,10 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 
-from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_config_of, read_meta,
-                               restore_training, save_checkpoint, unwrap)
+from raygpt.checkpoint import (STATE, CheckpointError, incomplete_checkpoints, is_sharded_checkpoint,
+                               latest_checkpoint, load_checkpoint,
+                               load_config_of, load_shards_of, read_meta, restore_training, save_checkpoint,
+                               unwrap, verify)
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.parallel import checkpoint_blocks, load_optimizer
@@ -95,8 +97,9 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     """Model, optimizer and scaler from cfg (model.vocab_size must be set), restored from ``resume``, for
     data-parallel rank ``rank`` of ``world``: every rank builds the same initial weights, then draws from
     random streams of its own (seed + rank), saved and restored per rank (rank_states). ``shard`` (FSDP:
-    raygpt.parallel.shard) is applied to the model, with its weights loaded, before the optimizer is built;
-    the optimizer state a checkpoint holds (unsharded) is then split over the ranks."""
+    raygpt.parallel.shard) is applied to the model before the optimizer is built. A single-file checkpoint's
+    weights go in before sharding and its optimizer state is split over the ranks after; a sharded one's
+    (DCP) are read by each rank for its own shard, after sharding, whatever the worker count that wrote it."""
     precision = resolve_precision(cfg.train.precision, device)
     if device.type == "cuda":
         # fp32 matmuls on tensor cores (TF32), as nanoGPT does; the MFU table's fp32 peak assumes it.
@@ -105,8 +108,9 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
     seed_rank(cfg.train.seed, rank)
-    state, data_state, note = TrainState(), {}, ""
-    if resume is not None:
+    state, data_state, notes = TrainState(), {}, []
+    sharded_resume = resume is not None and is_sharded_checkpoint(read_meta(resume))
+    if resume is not None and not sharded_resume:
         saved_model, _, _, saved = load_checkpoint(resume, device=device)
         model.load_state_dict(saved_model.state_dict())
     if cfg.train.activation_checkpointing:
@@ -116,7 +120,14 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     optimizer = configure_optimizer(model, cfg.optim, device)
     scaler = make_scaler(device, precision)
     if resume is not None:
-        if shard is not None and "optimizer" in saved:
+        if sharded_resume:
+            verify(resume)
+            load_shards_of(resume, model, optimizer)
+            saved = torch.load(resume / STATE, map_location="cpu", weights_only=True)
+        elif "optimizer" not in saved:
+            notes.append("the checkpoint holds no optimizer state (a weights-only export): AdamW's moments start "
+                         "at zero")
+        elif shard is not None:
             load_optimizer(model, optimizer, saved.pop("optimizer"))
         state, rng, data_state = restore_training(saved, optimizer, scaler)
         state.resumed_from.append(state.step)
@@ -126,14 +137,14 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
         else:
             seed_rank(cfg.train.seed, rank, state.step)
         if len(saved_states) != world:
-            note = (f"the checkpoint holds the random state of {len(saved_states)} rank(s) and this run has {world}"
-                    + (f": ranks {len(saved_states)}-{world - 1} start fresh streams (seed, rank, step)"
-                       if world > len(saved_states) else "")
-                    + "; dropout masks from here differ from an uninterrupted run's")
+            notes.append(f"the checkpoint holds the random state of {len(saved_states)} rank(s) and this run has "
+                         f"{world}" + (f": ranks {len(saved_states)}-{world - 1} start fresh streams (seed, rank, step)"
+                                       if world > len(saved_states) else "")
+                         + "; dropout masks from here differ from an uninterrupted run's")
     flops = model.flops_per_token()
     if cfg.train.compile:
         model = torch.compile(model)
-    return Training(model, optimizer, scaler, state, data_state, device, precision, flops, note)
+    return Training(model, optimizer, scaler, state, data_state, device, precision, flops, "; ".join(notes))
 
 
 def rank_states(rng: dict) -> list[dict]:
@@ -155,6 +166,12 @@ def find_resume(cfg: Config, path: Path, tokenizer: Optional[Tokenizer] = None) 
                           f"what the run trained on ({load_tokenizer(ckpt)!r}); use another train.run_name "
                           f"for a new run, or the data settings the run used")
     return ckpt
+
+
+def skipped_lines(path: Path) -> list[str]:
+    """A line for each checkpoint of the run at ``path`` that a resume skips (a file missing or cut short)."""
+    return [f"resume: skipped {child.name}: {problem} (a save or copy that did not finish; never resumed from)"
+            for child, problem in incomplete_checkpoints(path)]
 
 
 def resume_points(cfg: Config, tokenizer: Tokenizer, path: Path) -> list[TrainState]:

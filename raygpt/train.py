@@ -21,6 +21,7 @@ import torch.nn as nn
 
 from raygpt.config import Config, OptimConfig, TrainConfig, grad_accum_steps
 from raygpt.data.windows import to_device
+from raygpt.parallel import is_sharded
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y), each (B, T) token ids, y shifted by one
 
@@ -262,7 +263,7 @@ def evaluate(model: nn.Module, batches: Iterable[Batch], eval_steps: int,
     mine = chosen[rank::world]
     # A sharded model's forward is a collective (it gathers each block's weights): every rank runs as many
     # as the rank with the most batches, the extra ones not counted.
-    rounds = -(-len(chosen) // world) if hasattr(model, "set_requires_gradient_sync") else len(mine)
+    rounds = -(-len(chosen) // world) if is_sharded(model) else len(mine)
     for i in range(rounds):
         x, y = mine[i] if i < len(mine) else chosen[0]
         with amp_context():

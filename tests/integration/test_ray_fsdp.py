@@ -1,7 +1,10 @@
 """ray.strategy=fsdp: FSDP2 inside real Ray Train workers (gloo on CPU), against DDP on the same data.
 
-Every step is checkpointed, so each step's loss is in its meta.json (as in test_ray_fault_tolerance), and
-every checkpoint of a sharded run is gathered into the same single-file format DDP writes."""
+Every step is checkpointed, so each step's loss is in its meta.json (as in test_ray_fault_tolerance). A sharded
+run's checkpoints are sharded: each worker writes its own shard (torch.distributed.checkpoint) and Ray Train
+merges the workers' directories in storage."""
+
+import json
 
 import shutil
 
@@ -9,6 +12,7 @@ import pytest
 import torch
 
 import raygpt
+from raygpt.checkpoint import read_meta
 from raygpt.config import ConfigError
 from raygpt.distributed import train
 
@@ -38,14 +42,23 @@ def ddp(ray_cluster, tmp_path_factory):
     return tmp, run(tmp, "ddp")
 
 
-def test_fsdp_trains_step_for_step_as_ddp(ddp, tmp_path):
+@pytest.fixture(scope="module")
+def fsdp(ray_cluster, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    return tmp, run(tmp, "fsdp", "ray.strategy=fsdp")
+
+
+def test_fsdp_trains_step_for_step_as_ddp(ddp, fsdp, tmp_path):
     """Same seed, same global batch, fp32: FSDP's losses equal DDP's at every step (the gradient norm is
     over all shards, so clipping matches too), with and without activation checkpointing; a checkpoint of
-    the sharded run loads in a plain process and holds the same weights as DDP's."""
+    the sharded run, one shard per worker, loads in a plain process and holds the same weights as DDP's."""
     ddp_dir, reference = ddp
-    same(run(tmp_path, "fsdp", "ray.strategy=fsdp"), reference)
+    fsdp_dir, mine = fsdp
+    same(mine, reference)
     same(run(tmp_path, "fsdp-ac", "ray.strategy=fsdp", "train.activation_checkpointing=true"), reference)
-    mine = raygpt.load(tmp_path / "runs" / "fsdp", device="cpu").model.state_dict()
+    meta = read_meta(fsdp_dir / "runs" / "fsdp" / f"step_{STEPS:06d}")
+    assert meta["sharded"]["ranks"] == 2 and {"shards/__0_0.distcp", "shards/__1_0.distcp"} <= set(meta["files"])
+    mine = raygpt.load(fsdp_dir / "runs" / "fsdp", device="cpu").model.state_dict()  # one plain process
     theirs = raygpt.load(ddp_dir / "runs" / "ddp", device="cpu").model.state_dict()
     assert mine.keys() == theirs.keys()
     for key in mine:
@@ -72,6 +85,36 @@ def test_checkpoints_move_between_ddp_and_fsdp(ddp, tmp_path):
     # the FSDP run's own step-20 checkpoint, back under DDP
     shutil.copytree(tmp_path / "runs" / "to-fsdp" / "step_000020", tmp_path / "runs" / "back" / "step_000020")
     same(run(tmp_path, "back", "ray.strategy=ddp"), reference, range(21, STEPS + 1))
+
+
+def lrs(run_dir) -> dict[int, float]:
+    return {json.loads(m.read_text())["step"]: json.loads(m.read_text())["metrics"]["lr"]
+            for m in run_dir.glob("step_*/meta.json")}
+
+
+def test_a_sharded_checkpoint_resumes_on_as_many_fewer_or_more_workers(ddp, fsdp, tmp_path):
+    """FSDP on 2 workers -> 2: the losses after the resume are the uninterrupted run's (data position included).
+    2 -> 1 and then 1 -> 2: each worker reads its new shard of the weights and AdamW state (DCP reshards; the
+    exactness of that is tests/unit/test_sharded_checkpoint.py's) and the schedule carries on; the batches after
+    the resume differ (the data is dealt over another number of workers), so the losses are only close."""
+    _, reference = ddp
+    fsdp_run = fsdp[0] / "runs" / "fsdp"
+    shutil.copytree(fsdp_run / "step_000015", tmp_path / "runs" / "same" / "step_000015")
+    same(run(tmp_path, "same", "ray.strategy=fsdp"), reference, range(16, STEPS + 1))
+    assert resumed_from(tmp_path / "runs" / "same") == [15]
+
+    want_lr = lrs(tmp_path / "runs" / "same")
+    shutil.copytree(fsdp_run / "step_000015", tmp_path / "runs" / "fewer" / "step_000015")
+    fewer = run(tmp_path, "fewer", "ray.strategy=fsdp", "ray.num_workers=1")
+    assert read_meta(tmp_path / "runs" / "fewer" / f"step_{STEPS:06d}")["sharded"]["ranks"] == 1
+    shutil.copytree(tmp_path / "runs" / "fewer" / "step_000020", tmp_path / "runs" / "more" / "step_000020")
+    more = run(tmp_path, "more", "ray.strategy=fsdp")
+    assert resumed_from(tmp_path / "runs" / "fewer") == [15] and resumed_from(tmp_path / "runs" / "more") == [15, 20]
+    for name, got, first in (("fewer", fewer, 16), ("more", more, 21)):
+        got_lr = lrs(tmp_path / "runs" / name)
+        for step in range(first, STEPS + 1):
+            assert got_lr[step] == pytest.approx(want_lr[step], rel=1e-9), (name, step)
+            assert got[step] == pytest.approx(reference[step], abs=0.1), (name, step, got[step], reference[step])
 
 
 @pytest.mark.parametrize("over, says", [

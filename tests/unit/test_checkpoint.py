@@ -159,7 +159,8 @@ def test_a_checkpoint_holds_every_ranks_random_state_and_each_rank_takes_its_own
     state["rng"]["ranks"].append(rng_state())
     expected_rank1 = torch.rand(5)
     model = load_checkpoint(result.checkpoint, device="cpu")[0]
-    save_checkpoint(tmp_path / "two", model, cfg, result.tokenizer, train_state=TrainState(step=6), rng=state["rng"])
+    save_checkpoint(tmp_path / "two", model, cfg, result.tokenizer, optimizer=state["optimizer"],
+                    train_state=TrainState(step=6), rng=state["rng"])
     cfg = with_vocab(cfg, result.tokenizer)
     t1 = build_training(cfg, torch.device("cpu"), resume=tmp_path / "two", rank=1, world=2)
     assert torch.equal(torch.rand(5), expected_rank1) and t1.note == ""  # rank 1 took rank 1's state

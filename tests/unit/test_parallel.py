@@ -17,7 +17,7 @@ from raygpt.config import load_config
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from bench.scaling_plan import model_state_bytes as planned  # noqa: E402
+from bench.scaling_plan import planned_state_bytes as planned  # noqa: E402
 
 # Odd sizes, so that FSDP2 splits some dim 0 unevenly (vocab 51, block 17) and pads.
 MODEL = ["model.n_layer=2", "model.n_head=2", "model.n_embd=32", "model.block_size=17", "model.vocab_size=51",
