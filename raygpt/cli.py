@@ -1,4 +1,4 @@
-"""`raygpt prepare|train|tune|generate|export ...`: the command line, and what jobs/*.py call.
+"""`raygpt prepare|train|tune|generate|export|import-hf|export-hf ...`: the command line, and what jobs/*.py call.
 
     raygpt train configs/default.yaml model.n_layer=6 optim.lr=3e-4
     raygpt generate runs/NAME "def main(" --max-new-tokens 100 --temperature 0.8 --top-k 50
@@ -268,8 +268,35 @@ def cmd_export(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_import_hf(argv: Sequence[str]) -> int:
+    p = command_parser("import-hf", "Turn a Hugging Face GPT-2 model into a raygpt checkpoint (weights, config, its\n"
+                       "byte-level BPE tokenizer). SRC: a folder with config.json, model.safetensors or\n"
+                       "pytorch_model.bin, and tokenizer.json or vocab.json + merges.txt; or a hub id\n"
+                       "(gpt2, openai-community/gpt2-medium, ...) on a machine with internet.")
+    p.add_argument("src", help="an HF GPT-2 folder or hub id")
+    p.add_argument("out", help="the new raygpt checkpoint directory (must not exist)")
+    a = p.parse_args(argv)
+    from raygpt.hf import import_hf
+
+    import_hf(a.src, a.out, print_fn=print)
+    return 0
+
+
+def cmd_export_hf(argv: Sequence[str]) -> int:
+    p = command_parser("export-hf", "Write a raygpt checkpoint as a Hugging Face GPT-2 folder that\n"
+                       "GPT2LMHeadModel.from_pretrained, AutoTokenizer.from_pretrained and\n"
+                       "pipeline('text-generation', model=OUT) open as it is (needs a BPE tokenizer).")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("out", help="the new folder (must not exist)")
+    a = p.parse_args(argv)
+    from raygpt.hf import describe, export_hf
+
+    print(describe(export_hf(a.checkpoint, a.out)))
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate,
-            "export": cmd_export}
+            "export": cmd_export, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -282,6 +309,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune\n"
               "  generate CHECKPOINT [PROMPT]     sample text\n"
               "  export CHECKPOINT OUT            a single-file copy of a checkpoint (consolidates a sharded one)\n"
+              "  import-hf SRC OUT                a Hugging Face GPT-2 folder (or hub id) as a raygpt checkpoint\n"
+              "  export-hf CHECKPOINT OUT         a raygpt checkpoint as a Hugging Face GPT-2 folder\n"
               "raygpt COMMAND --help lists a command's arguments and the config keys worth knowing",
               file=sys.stderr if argv and argv[0] not in ("-h", "--help") else sys.stdout)
         return 0 if argv and argv[0] in ("-h", "--help") else 2

@@ -97,6 +97,10 @@ class TrainConfig:
     # None: a fresh timestamped run. A name that already has checkpoints resumes from the latest.
     run_name: Optional[str] = None
     threads: Optional[int] = None  # torch intra-op threads (None: torch's default)
+    # Start a new run from pretrained weights: a raygpt checkpoint or run folder, a Hugging Face GPT-2 folder,
+    # or a hub id (gpt2, ...; downloads). The model's shape and tokenizer come from it; model.block_size may
+    # be lowered (the position table is cropped) and model.dropout set. A fresh optimizer and schedule.
+    init_from: Optional[str] = None
 
 
 @dataclass
@@ -185,7 +189,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     for item in overrides:
         key, value = parse_override(item)
         _set_dotted(data, key, value)
-    return config_from_dict(data)
+    cfg = config_from_dict(data)
+    # The keys the user set (train.init_from fills the model keys left unset from the pretrained model).
+    cfg.explicit = {f"{section}.{key}" for section, values in data.items() for key in values}
+    return cfg
 
 
 def read_yaml(path: str | Path, what: str, example: str) -> dict:

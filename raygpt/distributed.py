@@ -32,6 +32,7 @@ from raygpt.runs import (build_training, check_sample_prompt, format_progress, n
                          resume_points, skipped_lines, with_vocab)
 from raygpt.tracking import WandbLogger
 from raygpt.parallel import is_sharded, shard
+from raygpt.pretrained import apply_init_from
 from raygpt.train import resolve_precision, rng_state, train_loop
 
 
@@ -144,6 +145,8 @@ def train_func(config: dict) -> None:
             + (f", resuming at step {t.state.step}" if resume is not None else ""))
         if t.note:
             say(f"resume: {t.note}")
+        if t.init:
+            say(t.init)
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
     gauges = RayMetrics(cfg.train.run_name, rank)  # Prometheus/Grafana, through Ray's metrics export
@@ -316,6 +319,7 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     # Storage that cannot be written is one line now, not a traceback from Ray Train's controller later.
     check_writable(cfg.ray.storage_path or cfg.train.out_dir,
                    "ray.storage_path" if cfg.ray.storage_path else "train.out_dir")
+    cfg = apply_init_from(cfg, print_fn)  # the pretrained model's shape and tokenizer, before the data
     connect(print_fn)
     clock["ray"] = time.time()
     prepared = prepare(cfg.data, print_fn)

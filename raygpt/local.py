@@ -19,6 +19,7 @@ from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
 from raygpt.data.sources import check_writable
 from raygpt.data.windows import fixed_batches
+from raygpt.pretrained import apply_init_from
 from raygpt.runs import (build_training, check_sample_prompt, device_for, find_resume, format_progress,
                          report_sample, run_dir, save_run_checkpoint, skipped_lines, with_vocab)
 from raygpt.tokenizer import Tokenizer, load_tokenizer
@@ -39,6 +40,7 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
     """Train cfg in this process; resume when the named run has checkpoints. ``arrays`` (tokenizer, train
     ids, val ids) skips reading the corpus, for tests and benchmarks."""
     check_writable(cfg.train.out_dir, "train.out_dir")  # before any work: the run folder goes there
+    cfg = apply_init_from(cfg, print_fn)  # the pretrained model's shape and tokenizer, before the data
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = device_for(cfg)
@@ -60,6 +62,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
              + (f" | resuming {resume.name} (step {t.state.step})" if resume else ""))
     if t.note:
         print_fn(f"resume: {t.note}")
+    if t.init:
+        print_fn(t.init)
     for line in skipped_lines(path):
         print_fn(line)
 

@@ -24,6 +24,7 @@ from raygpt.checkpoint import (STATE, CheckpointError, incomplete_checkpoints, i
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.parallel import checkpoint_blocks, load_optimizer
+from raygpt.pretrained import load_pretrained
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.generate import check_prompt, generate_tokens
 from raygpt.train import (TrainState, configure_optimizer, make_scaler, resolve_device,
@@ -90,6 +91,7 @@ class Training:
     precision: str
     flops_per_token: float
     note: str = ""  # what a resume could not carry over exactly (printed by the caller)
+    init: str = ""  # where train.init_from's weights came from (a new run only; printed by the caller)
 
 
 def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = None, rank: int = 0,
@@ -110,9 +112,12 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     seed_rank(cfg.train.seed, rank)
     state, data_state, notes = TrainState(), {}, []
     sharded_resume = resume is not None and is_sharded_checkpoint(read_meta(resume))
+    init = ""
     if resume is not None and not sharded_resume:
         saved_model, _, _, saved = load_checkpoint(resume, device=device)
         model.load_state_dict(saved_model.state_dict())
+    elif resume is None and cfg.train.init_from:
+        init = load_pretrained(cfg, model)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     if shard is not None:
@@ -144,7 +149,7 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
     flops = model.flops_per_token()
     if cfg.train.compile:
         model = torch.compile(model)
-    return Training(model, optimizer, scaler, state, data_state, device, precision, flops, "; ".join(notes))
+    return Training(model, optimizer, scaler, state, data_state, device, precision, flops, "; ".join(notes), init)
 
 
 def rank_states(rng: dict) -> list[dict]:

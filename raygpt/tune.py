@@ -30,6 +30,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler  # noqa: E402
 from ray.tune.search.optuna import OptunaSearch  # noqa: E402
 
 from raygpt.config import Config, ConfigError, config_from_dict  # noqa: E402
+from raygpt.pretrained import apply_init_from  # noqa: E402
 from raygpt.data.pipeline import prepare, prepared_tokenizer  # noqa: E402
 from raygpt.data.sources import check_writable  # noqa: E402
 from raygpt.distributed import check_resources, connect, train, wants_gpu  # noqa: E402
@@ -199,6 +200,7 @@ def _scheduler(grace: int, max_steps: int, reduction_factor: int):
 def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_fn=say) -> TuneOutcome:
     """Run (or --resume) an experiment and write its table, best config and plot."""
     check_writable(base.train.out_dir, "train.out_dir")  # the experiment goes there; one line now, not in Tune
+    base = apply_init_from(base, print_fn)  # every trial fine-tunes the same pretrained model
     connect(print_fn)
     # Ray Data's statistics actor (one per cluster) is started by the first process that runs a dataset, in
     # that process's placement group: a trial's. It would then end with that trial, and every dataset still

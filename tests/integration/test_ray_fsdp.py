@@ -117,6 +117,15 @@ def test_a_sharded_checkpoint_resumes_on_as_many_fewer_or_more_workers(ddp, fsdp
             assert got[step] == pytest.approx(reference[step], abs=0.1), (name, step, got[step], reference[step])
 
 
+def test_a_fine_tune_on_ray_starts_from_pretrained_weights(ddp, tmp_path):
+    """train.init_from under Ray (FSDP on 2 workers; the same build_training as DDP and --local): step 0, a
+    fresh optimizer, and the first loss is the pretrained model's, not a fresh one's."""
+    ddp_dir, reference = ddp
+    losses_ft = run(tmp_path, "ft", "ray.strategy=fsdp", f"train.init_from={ddp_dir / 'runs' / 'ddp'}")
+    assert losses_ft[1] < reference[1] - 0.5 and abs(losses_ft[1] - reference[STEPS]) < 0.3
+    assert resumed_from(tmp_path / "runs" / "ft") == []
+
+
 @pytest.mark.parametrize("over, says", [
     (["ray.strategy=zero3"], "ray.strategy"),
     (["ray.strategy=fsdp", "ray.fsdp_shard_size=3"], "ray.fsdp_shard_size=3 does not divide ray.num_workers=2"),

@@ -18,13 +18,15 @@ def test_defaults_are_valid_and_overrides_win_over_yaml(tmp_path):
     assert isinstance(cfg.optim.lr, float)
 
 
-@pytest.mark.parametrize("name", ["default", "shakespeare_char", "gpt2_124m"])
+@pytest.mark.parametrize("name", ["default", "shakespeare_char", "gpt2_124m", "gpt2_xl", "gpt2_7b", "finetune_gpt2"])
 def test_shipped_configs_load(name):
     cfg = load_config(CONFIGS / f"{name}.yaml")
     if name == "shakespeare_char":
         m, t = cfg.model, cfg.train
         assert (m.n_layer, m.n_head, m.n_embd, m.block_size, m.dropout) == (6, 6, 384, 256, 0.2)
         assert (t.batch_size, t.max_steps, cfg.optim.lr) == (64, 5000, 1e-3)
+    if name == "finetune_gpt2":  # the shape comes from GPT-2 itself (train.init_from), so it sets none
+        assert cfg.train.init_from == "gpt2" and not {"model.n_layer", "model.n_embd"} & cfg.explicit
     if name == "gpt2_124m":
         assert (cfg.model.n_layer, cfg.model.n_embd, cfg.model.block_size, cfg.data.tokenizer) == (12, 768, 1024, "bpe")
 

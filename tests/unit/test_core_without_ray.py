@@ -21,7 +21,7 @@ def test_core_imports_and_trains_with_ray_blocked(tmp_path):
     script = BLOCK_RAY + textwrap.dedent(f"""
         import raygpt, raygpt.config, raygpt.model, raygpt.tokenizer, raygpt.train, raygpt.checkpoint
         import raygpt.generate, raygpt.local, raygpt.runs, raygpt.cli, raygpt.data.corpus, raygpt.data.sources
-        import raygpt.tracking, raygpt.tune_space, raygpt.tune_report
+        import raygpt.tracking, raygpt.tune_space, raygpt.tune_report, raygpt.parallel, raygpt.hf, raygpt.pretrained
         from raygpt.config import load_config
         from raygpt.local import train_local
         cfg = load_config(None, ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "model.block_size=16",

@@ -39,10 +39,12 @@ def whole(model, optimizer) -> tuple[dict, dict]:
     return weights, {name: {k: v.clone() for k, v in s.items()} for name, s in optim["state"].items()}
 
 
-def ranks(rank: int, world: int, port: int, save_to, resume, out) -> None:
+def ranks(rank: int, world: int, port: int, save_to, resume, out, device: str = "cpu") -> None:
     """Train 3 steps (or resume) as rank ``rank`` of a sharded model, report the whole state, then save."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world)
     try:
         from raygpt.checkpoint import save_checkpoint
         from raygpt.parallel import shard
@@ -51,19 +53,20 @@ def ranks(rank: int, world: int, port: int, save_to, resume, out) -> None:
         from raygpt.train import autocast, train_step
 
         torch.set_num_threads(1)
-        cfg = load_config(None, MODEL)
-        t = build_training(cfg, torch.device("cpu"), resume=Path(resume) if resume else None, rank=rank,
-                           world=world, shard=lambda m: shard(m, world, None, "fp32"))
+        cfg = load_config(None, [*MODEL, f"train.device={device}", "train.precision=auto"])
+        on = torch.device(f"cuda:{rank}") if device == "cuda" else torch.device("cpu")
+        t = build_training(cfg, on, resume=Path(resume) if resume else None, rank=rank,
+                           world=world, shard=lambda m: shard(m, world, None, "bf16" if device == "cuda" else "fp32"))
         if resume is None:
             g = torch.Generator().manual_seed(rank)
-            batches = iter(lambda: (torch.randint(0, 51, (2, 17), generator=g),) * 2, None)
+            batches = iter(lambda: (torch.randint(0, 51, (2, 17), generator=g).to(on),) * 2, None)
             for _ in range(3):
-                train_step(t.model, t.optimizer, t.scaler, batches, 1, 1e-2, 1.0,
-                           lambda: autocast(torch.device("cpu"), "fp32"))
+                train_step(t.model, t.optimizer, t.scaler, batches, 1, 1e-2, 1.0, lambda: autocast(on, t.precision))
                 t.state.step += 1
         state = whole(t.model, t.optimizer)
         if rank == 0:
-            torch.save((state, t.state.step, t.note), out)
+            torch.save(({k: v.cpu() for k, v in state[0].items()},
+                        {n: {k: v.cpu() for k, v in m.items()} for n, m in state[1].items()}, t.state.step, t.note), out)
         if save_to is not None:
             save_checkpoint(Path(save_to) / f"rank{rank}", t.model, cfg, train_tokenizer("char", [TEXT]),
                             optimizer=t.optimizer, train_state=t.state,
@@ -72,13 +75,14 @@ def ranks(rank: int, world: int, port: int, save_to, resume, out) -> None:
         dist.destroy_process_group()
 
 
-def spawn(world: int, save_to=None, resume=None):
-    """Run ``ranks`` in ``world`` processes; rank 0's report comes back through a file (a queue's pipe would
-    fill up before mp.spawn returns and the parent reads it)."""
+def spawn(world: int, save_to=None, resume=None, device: str = "cpu"):
+    """Run ``ranks`` in ``world`` processes: ((weights, optimizer state), step, resume note) of rank 0, which
+    come back through a file (a queue's pipe would fill up before mp.spawn returns and the parent reads it)."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "report.pt"
-        mp.spawn(ranks, args=(world, free_ports(1)[0], save_to, resume, str(out)), nprocs=world)
-        return torch.load(out, weights_only=True)
+        mp.spawn(ranks, args=(world, free_ports(1)[0], save_to, resume, str(out), device), nprocs=world)
+        weights, optim, step, note = torch.load(out, weights_only=True)
+        return (weights, optim), step, note
 
 
 def merge(folder: Path, world: int) -> Path:
@@ -177,3 +181,15 @@ def test_a_missing_or_cut_rank_file_is_named_never_loaded(two_ranks, tmp_path, c
     with pytest.raises(CheckpointError, match="__1_0.distcp is truncated"):
         raygpt.load(broken, device="cpu")
     assert latest_checkpoint(broken.parent) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_a_gpu_the_same_holds(tmp_path):
+    """NCCL, bf16 compute with fp32 master weights (MixedPrecisionPolicy), one GPU: save, load in a plain
+    process on the CPU, resume on the GPU; the fp32 weights and AdamW state are the saved ones bit for bit."""
+    saved, step, _ = spawn(1, save_to=tmp_path, device="cuda")
+    ckpt = merge(tmp_path, 1)
+    plain = raygpt.load(ckpt, device="cpu").model.state_dict()
+    assert all(torch.equal(plain[k], saved[0][k]) for k in saved[0])
+    assert_same(spawn(1, resume=str(ckpt), device="cuda")[0], saved)
