@@ -44,6 +44,7 @@ FORMAT_VERSION = 1  # single-file weights
 SHARDED_VERSION = 2  # the weights and optimizer state in shards/ (raygpt releases before it cannot read it)
 META, WEIGHTS, STATE, CONFIG, TOKENIZER = "meta.json", "model.safetensors", "trainer_state.pt", "config.yaml", "tokenizer.json"
 SHARDS = "shards"
+ADAPTER = "adapter.safetensors"  # LoRA runs: the adapters' weights (raygpt.lora), beside the frozen ones
 
 
 class CheckpointError(ValueError):
@@ -70,6 +71,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: Config, tokenize
 
     A sharded model's checkpoint is written by every rank (a collective), each into a ``path`` of its own
     that holds its shard; rank 0's also holds everything else and a meta.json that lists every rank's files."""
+    from raygpt.lora import has_adapters, split_state
     from raygpt.parallel import is_sharded, save_shards
 
     sharded = is_sharded(unwrap(model))
@@ -87,6 +89,17 @@ def save_checkpoint(path: str | Path, model: nn.Module, config: Config, tokenize
             torch.distributed.all_gather_object(everyone, mine)
             for rank_files in everyone:
                 files.update(rank_files)
+        elif has_adapters(unwrap(model)):  # LoRA: the frozen weights as a plain GPT's, the adapters beside them
+            from safetensors.torch import save_file
+
+            from raygpt.model import GPT
+
+            base, adapters = split_state(unwrap(model))
+            plain = GPT(config.model)
+            plain.load_state_dict(base)
+            save_model(plain, str(tmp / WEIGHTS))
+            save_file({k: v.contiguous() for k, v in adapters.items()}, str(tmp / ADAPTER))
+            files[ADAPTER] = _described(tmp / ADAPTER)
         else:
             save_model(unwrap(model), str(tmp / WEIGHTS))
         if rank == 0:
@@ -212,8 +225,17 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu", check:
         return model.to(device), config, tokenizer, state
     try:
         load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+        if ADAPTER in meta["files"]:  # LoRA: the adapters go back on the frozen weights
+            from safetensors.torch import load_file
+
+            from raygpt.lora import add_adapters, load_adapters
+
+            add_adapters(model, config.lora)
+            load_adapters(model, load_file(str(path / ADAPTER)))
+    except (ConfigError, CheckpointError):
+        raise
     except Exception as e:  # safetensors raises several types for a bad file; all mean the same to a user
-        raise CheckpointError(f"{path / WEIGHTS} cannot be loaded into the model of {CONFIG}: {e}") from None
+        raise CheckpointError(f"{path} cannot be loaded into the model of {CONFIG}: {e}") from None
     model.to(device)
     return model, config, tokenizer, state
 

@@ -42,6 +42,7 @@ KEYS = {
     "train.eval_interval": "steps between evals (val loss and a sample)",
     "train.precision": "auto, fp32, bf16 or fp16",
     "train.device": "auto, cpu, cuda, cuda:N or mps (--local)",
+    "train.init_from": "start from pretrained weights: a raygpt checkpoint or run, an HF GPT-2 folder or hub id",
     "optim.lr": "peak learning rate",
     "optim.warmup_steps": "linear warmup steps before the cosine decay",
     "ray.num_workers": "Ray Train workers (0: Ray Train's local mode in the driver)",
@@ -52,6 +53,10 @@ KEYS = {
     "ray.use_gpu": "none: use GPUs when the cluster has them",
     "ray.storage_path": "where checkpoints go: an absolute path or a URI (none: train.out_dir)",
     "ray.max_failures": "worker-group restarts from the latest checkpoint",
+    "finetune.method": "full, or lora: frozen weights, low-rank adapters train (peft)",
+    "lora.r": "rank of the LoRA adapters",
+    "lora.alpha": "the adapters' output is scaled by alpha / r",
+    "lora.targets": "comma-separated: c_attn, c_proj, c_fc",
     "sample.prompt": "the prompt of the samples at every eval and after training",
     "logging.wandb": "log to Weights & Biases (--wandb)",
     "tune.seed": "the Optuna sampler's seed",
@@ -62,7 +67,7 @@ KEYS = {
 }
 DATA_KEYS = [k for k in KEYS if k.startswith("data.")]
 TRAIN_KEYS = ["data.source", "data.tokenizer", *[k for k in KEYS if k.split(".")[0] in ("model", "train", "optim", "ray")],
-              "sample.prompt", "logging.wandb"]
+              "finetune.method", "lora.r", "lora.alpha", "lora.targets", "sample.prompt", "logging.wandb"]
 TUNE_KEYS = [k for k in KEYS if k.startswith("tune.")] + ["data.source", "train.max_steps", "train.out_dir",
                                                           "ray.num_workers", "ray.cpus_per_worker"]
 

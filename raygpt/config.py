@@ -159,6 +159,25 @@ class LoggingConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    # full: every weight trains. lora: the weights stay frozen and low-rank adapters on lora.targets train
+    # (peft; pip install peft), usually from train.init_from.
+    method: Literal["full", "lora"] = "full"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8  # rank of the adapters
+    alpha: float = 16.0  # their output is scaled by alpha / r
+    dropout: float = 0.0
+    # comma-separated module names (c_proj is both the attention's and the MLP's output projection)
+    targets: str = "c_attn,c_proj,c_fc"
+
+
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -167,6 +186,8 @@ class Config:
     ray: RayConfig = field(default_factory=RayConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -367,6 +388,19 @@ def validate(cfg: Config) -> None:
     if r.strategy == "fsdp" and r.num_workers == 0:
         raise ConfigError("ray.strategy=fsdp needs Ray Train workers (ray.num_workers >= 1): local mode runs one "
                           "process without a process group to shard over")
+    if cfg.finetune.method == "lora":
+        lo = cfg.lora
+        positive("lora.r", lo.r)
+        positive("lora.alpha", lo.alpha)
+        if not 0.0 <= lo.dropout < 1.0:
+            raise ConfigError(f"lora.dropout={lo.dropout} must be in [0, 1)")
+        targets = [x.strip() for x in lo.targets.split(",")]
+        if not all(targets) or not set(targets) <= set(LORA_TARGETS):
+            raise ConfigError(f"lora.targets={lo.targets!r}: give a comma-separated list of "
+                              f"{', '.join(LORA_TARGETS)}")
+        if r.strategy == "fsdp":
+            raise ConfigError("finetune.method=lora runs under ray.strategy=ddp (or --local): its adapters are a "
+                              "small fraction of the model, and FSDP with frozen weights is not supported here yet")
     if r.strategy == "fsdp" and t.precision == "fp16":
         raise ConfigError("ray.strategy=fsdp trains in bf16 or fp32, not fp16 (no sharded GradScaler here): set "
                           "train.precision=bf16 or fp32, or use ray.strategy=ddp on GPUs without bf16")

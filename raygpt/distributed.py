@@ -32,6 +32,7 @@ from raygpt.runs import (build_training, check_sample_prompt, format_progress, n
                          resume_points, skipped_lines, with_vocab)
 from raygpt.tracking import WandbLogger
 from raygpt.parallel import is_sharded, shard
+from raygpt.lora import trainable_line
 from raygpt.pretrained import apply_init_from
 from raygpt.train import resolve_precision, rng_state, train_loop
 
@@ -147,6 +148,8 @@ def train_func(config: dict) -> None:
             say(f"resume: {t.note}")
         if t.init:
             say(t.init)
+        if cfg.finetune.method == "lora":
+            say(trainable_line(t.model))
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
     gauges = RayMetrics(cfg.train.run_name, rank)  # Prometheus/Grafana, through Ray's metrics export

@@ -165,8 +165,11 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     if not isinstance(tokenizer, BPETokenizer):
         raise CheckpointError(f"{ckpt} uses raygpt's {tokenizer.kind} tokenizer, which has no Hugging Face "
                               f"equivalent; export-hf needs a BPE one (data.tokenizer=bpe or data.tokenizer_path)")
+    from raygpt.lora import has_adapters, merged_state
+
     state = {}
-    for key, value in model.state_dict().items():
+    # a LoRA run's adapters folded into the weights: GPT2LMHeadModel has no place for them
+    for key, value in (merged_state(model) if has_adapters(model) else model.state_dict()).items():
         if key == "lm_head.weight" and m.tie_weights:
             continue  # GPT2LMHeadModel ties it to wte itself
         name = key if key == "lm_head.weight" else key[len("transformer."):]

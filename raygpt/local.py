@@ -19,6 +19,7 @@ from raygpt.config import Config
 from raygpt.data.corpus import prepare_arrays
 from raygpt.data.sources import check_writable
 from raygpt.data.windows import fixed_batches
+from raygpt.lora import trainable_line
 from raygpt.pretrained import apply_init_from
 from raygpt.runs import (build_training, check_sample_prompt, device_for, find_resume, format_progress,
                          report_sample, run_dir, save_run_checkpoint, skipped_lines, with_vocab)
@@ -64,6 +65,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
         print_fn(f"resume: {t.note}")
     if t.init:
         print_fn(t.init)
+    if cfg.finetune.method == "lora":
+        print_fn(trainable_line(unwrap(t.model)))
     for line in skipped_lines(path):
         print_fn(line)
 

@@ -24,6 +24,7 @@ from raygpt.checkpoint import (STATE, CheckpointError, incomplete_checkpoints, i
 from raygpt.config import Config, ConfigError
 from raygpt.model import GPT
 from raygpt.parallel import checkpoint_blocks, load_optimizer
+from raygpt.lora import add_adapters
 from raygpt.pretrained import load_pretrained
 from raygpt.tokenizer import Tokenizer, load_tokenizer
 from raygpt.generate import check_prompt, generate_tokens
@@ -67,7 +68,8 @@ def check_sample_prompt(cfg: Config, tokenizer: Tokenizer) -> None:
 
 def check_resumable(cfg: Config, saved: Config, path: Path) -> None:
     """A run resumes only into the same model and tokenizer settings; say which key differs."""
-    for section in ("model", "data"):
+    sections = ("model", "data", "finetune") + (("lora",) if cfg.finetune.method == "lora" else ())
+    for section in sections:
         mine, theirs = dataclasses.asdict(getattr(cfg, section)), dataclasses.asdict(getattr(saved, section))
         for key in mine:
             if section == "model" and key == "vocab_size" and mine[key] is None:
@@ -109,15 +111,15 @@ def build_training(cfg: Config, device: torch.device, resume: Optional[Path] = N
         torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model).to(device)
+    init = load_pretrained(cfg, model) if resume is None and cfg.train.init_from else ""
+    if cfg.finetune.method == "lora":  # before seed_rank: every rank starts with the same adapters
+        add_adapters(model, cfg.lora)
     seed_rank(cfg.train.seed, rank)
     state, data_state, notes = TrainState(), {}, []
     sharded_resume = resume is not None and is_sharded_checkpoint(read_meta(resume))
-    init = ""
     if resume is not None and not sharded_resume:
         saved_model, _, _, saved = load_checkpoint(resume, device=device)
         model.load_state_dict(saved_model.state_dict())
-    elif resume is None and cfg.train.init_from:
-        init = load_pretrained(cfg, model)
     if cfg.train.activation_checkpointing:
         checkpoint_blocks(model)
     if shard is not None:

@@ -126,6 +126,24 @@ def test_a_fine_tune_on_ray_starts_from_pretrained_weights(ddp, tmp_path):
     assert resumed_from(tmp_path / "runs" / "ft") == []
 
 
+def test_lora_on_two_ddp_workers_trains_only_the_adapters(ddp, tmp_path):
+    """finetune.method=lora under Ray, 2 DDP workers: the frozen weights in every checkpoint are the
+    pretrained ones bit for bit, the adapters move, and the loss goes on from the pretrained model's."""
+    from safetensors.torch import load_file
+
+    ddp_dir, reference = ddp
+    pretrained = ddp_dir / "runs" / "ddp" / f"step_{STEPS:06d}"
+    got = run(tmp_path, "lora", "finetune.method=lora", "lora.r=4", "optim.lr=1e-2", f"train.init_from={pretrained}")
+    assert abs(got[1] - reference[STEPS]) < 0.3
+    before = load_file(str(pretrained / "model.safetensors"))
+    for step in (1, STEPS):
+        ckpt = tmp_path / "runs" / "lora" / f"step_{step:06d}"
+        after = load_file(str(ckpt / "model.safetensors"))
+        assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    adapters = load_file(str(tmp_path / "runs" / "lora" / f"step_{STEPS:06d}" / "adapter.safetensors"))
+    assert max(v.abs().max().item() for k, v in adapters.items() if "lora_B" in k) > 0
+
+
 @pytest.mark.parametrize("over, says", [
     (["ray.strategy=zero3"], "ray.strategy"),
     (["ray.strategy=fsdp", "ray.fsdp_shard_size=3"], "ray.fsdp_shard_size=3 does not divide ray.num_workers=2"),

@@ -94,3 +94,82 @@ def test_a_source_that_is_not_a_model_is_one_line(tmp_path):
     (tmp_path / "hf" / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConfigError, match="model_type 'bert'; raygpt imports GPT-2 models"):
         apply_init_from(fine_tune_config(tmp_path, f"train.init_from={tmp_path / 'hf'}"))
+
+
+def lora_run(tmp_path, base_ckpt, arrays, name, steps, *over):
+    lines = []
+    cfg = fine_tune_config(tmp_path, f"train.init_from={base_ckpt}", "finetune.method=lora", "lora.r=4",
+                           "optim.lr=1e-2", f"train.run_name={name}", f"train.max_steps={steps}",
+                           f"train.checkpoint_interval={steps}", "model.dropout=0.0", *over)
+    return train_local(cfg, arrays, print_fn=lines.append), lines
+
+
+def test_lora_trains_only_the_adapters(base, tmp_path, tiny_arrays_module):
+    """The frozen weights are bit for bit the pretrained ones after training; the adapters moved; the
+    progress output says how many parameters train; the checkpoint loads with its adapters on."""
+    from safetensors.torch import load_file
+
+    import raygpt
+    from raygpt.lora import merged_state
+
+    ckpt, _ = base
+    result, lines = lora_run(tmp_path, ckpt, tiny_arrays_module, "lora", 10)
+    line = next(x for x in lines if x.startswith("lora: "))
+    # r x (in + out) per adapted Linear: c_attn 32->96, attn.c_proj 32->32, c_fc 32->128, mlp.c_proj 128->32
+    trainable = 2 * 4 * ((32 + 96) + (32 + 32) + (32 + 128) + (128 + 32))
+    assert line.startswith(f"lora: {trainable:,} trainable of "), line
+    before = load_file(str(ckpt / "model.safetensors"))
+    after = load_file(str(result.checkpoint / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    adapters = load_file(str(result.checkpoint / "adapter.safetensors"))
+    assert any("lora_B" in k and v.abs().max() > 0 for k, v in adapters.items())  # B starts at 0 and moved
+    tuned = raygpt.load(result.checkpoint, device="cpu")
+    plain = raygpt.load(ckpt, device="cpu")
+    x = torch.randint(0, 23, (2, 32), generator=torch.Generator().manual_seed(0))
+    assert not torch.allclose(tuned.model(x, x)[0], plain.model(x, x)[0])  # the adapters are on
+    assert isinstance(tuned.generate("def", max_new_tokens=8, seed=0), str)
+    # folded into the weights (what export-hf writes), the adapters give the same logits
+    from raygpt.model import GPT
+
+    folded = GPT(tuned.config.model)
+    folded.load_state_dict(merged_state(tuned.model))
+    torch.testing.assert_close(folded(x, x)[0], tuned.model(x, x)[0], rtol=0, atol=1e-5)
+
+
+def test_a_lora_run_resumes_exactly(base, tmp_path, tiny_arrays_module):
+    """Stopped after step 5 and run again, a LoRA run ends with the weights of one that never stopped."""
+    import shutil
+
+    ckpt, _ = base
+    straight, _ = lora_run(tmp_path, ckpt, tiny_arrays_module, "straight", 10)
+    first, _ = lora_run(tmp_path, ckpt, tiny_arrays_module, "resumed", 10, "train.checkpoint_interval=5")
+    shutil.rmtree(first.checkpoint)  # step 10: as if the run had died after step 5's checkpoint
+    again, lines = lora_run(tmp_path, ckpt, tiny_arrays_module, "resumed", 10, "train.checkpoint_interval=5")
+    assert any("resuming step_000005" in x for x in lines)
+    a = load_checkpoint(straight.checkpoint)[0].state_dict()
+    b = load_checkpoint(again.checkpoint)[0].state_dict()
+    assert a.keys() == b.keys() and any(".lora_B." in k for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("over, says", [
+    (["ray.strategy=fsdp", "ray.num_workers=2"], "finetune.method=lora runs under ray.strategy=ddp"),
+    (["lora.targets=c_attn,wte"], "lora.targets='c_attn,wte': give a comma-separated list"),
+    (["lora.r=0"], "lora.r must be positive"),
+])
+def test_bad_lora_settings_are_one_line(tmp_path, over, says):
+    with pytest.raises(ConfigError, match=says):
+        fine_tune_config(tmp_path, "finetune.method=lora", *over)
+
+
+def test_lora_on_gpt2_124m_trains_under_one_percent():
+    """The figure the README gives, on GPT-2 124M's shape (built on the meta device: no memory, no time)."""
+    from raygpt.config import LoraConfig, ModelConfig
+    from raygpt.lora import add_adapters, trainable_line
+    from raygpt.model import GPT
+
+    with torch.device("meta"):
+        model = add_adapters(GPT(ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024,
+                                             vocab_size=50257)), LoraConfig())
+    assert trainable_line(model) == "lora: 1,179,648 trainable of 125.62M parameters (0.94%)"
