@@ -98,6 +98,11 @@ def check_settings(base: Config, raw: dict) -> TuneSettings:
     if not isinstance(s.model_sizes, dict):
         raise ConfigError("tune.model_sizes must map names to model shapes, e.g. xs: {n_layer: 2, n_head: 2, n_embd: 64}")
     s.space = {key: _check_dimension(base, s, key, spec) for key, spec in s.space.items()}
+    fixed = [key for key in s.space if key == MODEL_SIZE or key in (f"model.{k}" for k in
+             ("n_layer", "n_head", "n_embd", "vocab_size", "bias", "tie_weights"))]
+    if base.train.init_from and fixed:
+        raise ConfigError(f"tune.space.{fixed[0]}: train.init_from={base.train.init_from} fixes the model's shape "
+                          f"(its weights have one); search other keys, such as optim.lr")
     _check_trials(base, s)
     return s
 

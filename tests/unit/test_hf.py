@@ -193,3 +193,12 @@ def test_neither_direction_imports_transformers(reference, trained, tmp_path):
                           cwd=str(tmp_path), env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[2])})
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "in" / "meta.json").is_file() and (tmp_path / "out" / "config.json").is_file()
+
+
+def test_a_hub_id_offline_is_one_line(tmp_path, capsys):
+    """A hub id is downloaded through huggingface_hub; with no network (here: HF_HUB_OFFLINE=1) it is one line
+    that says what to do, and nothing is written."""
+    assert main(["import-hf", "openai-community/gpt2", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not be downloaded from the Hugging Face hub" in err[-1]
+    assert "pass a local folder" in err[-1] and not (tmp_path / "out").exists()

@@ -87,3 +87,10 @@ def test_asha_rungs_stay_below_the_last_step():
     assert rungs(_scheduler(50, 450, 3)) == [50, 150]
     assert isinstance(_scheduler(40, 40, 2), FIFOScheduler)
     assert _scheduler(10, 40, 2)._stop_last_trials is False
+
+
+def test_a_pretrained_models_shape_is_not_searched(tmp_path):
+    space = {"optim.lr": {"loguniform": [1e-5, 1e-3]}, "model.size": {"choice": ["s"]}}
+    with pytest.raises(ConfigError, match=r"tune.space.model.size: train.init_from=runs/base fixes the model's"):
+        load_tune_config(write(tmp_path, {"space": space, "model_sizes": {"s": {"n_layer": 2}}}),
+                         ["train.init_from=runs/base"])
