@@ -272,6 +272,12 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
+def check_new(out: Path, command: str) -> None:
+    """The output of export, import-hf and export-hf is a new directory: never written over one that exists."""
+    if out.exists():
+        raise CheckpointError(f"{out} already exists; {command} writes a new directory: remove it or name another")
+
+
 def export_checkpoint(src: str | Path, out: str | Path, weights_only: bool = False) -> Path:
     """A single-file copy (model.safetensors, the optimizer state in trainer_state.pt) of any checkpoint, a
     sharded one consolidated in this one process: `raygpt export`. ``weights_only`` leaves the optimizer
@@ -279,8 +285,7 @@ def export_checkpoint(src: str | Path, out: str | Path, weights_only: bool = Fal
     from raygpt.train import TrainState, configure_optimizer
 
     src, out = resolve_checkpoint(Path(src)), Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; export writes a new directory: remove it or name another")
+    check_new(out, "export")
     meta = read_meta(src)
     optim = load_config_of(src).optim
     build = None if weights_only else (lambda model: configure_optimizer(model, optim, torch.device("cpu")))

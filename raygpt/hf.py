@@ -18,7 +18,7 @@ from typing import Callable
 
 import torch
 
-from raygpt.checkpoint import CheckpointError, load_checkpoint, resolve_checkpoint, save_checkpoint
+from raygpt.checkpoint import CheckpointError, check_new, load_checkpoint, resolve_checkpoint, save_checkpoint
 from raygpt.config import Config, ModelConfig
 from raygpt.tokenizer import EOT, FILENAME, BPETokenizer, Tokenizer, load_tokenizer
 
@@ -32,8 +32,7 @@ def import_hf(src: str | Path, out: str | Path, print_fn: Callable[[str], None] 
     """Write the raygpt checkpoint of an HF GPT-2 model: ``src`` is a folder (config.json, model.safetensors or
     pytorch_model.bin, and tokenizer.json or vocab.json + merges.txt) or a hub id such as ``gpt2``."""
     out = Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; import-hf writes a new checkpoint: remove it or name another")
+    check_new(out, "import-hf")
     folder = _folder(src, print_fn)
     model_cfg = model_config_of(folder)
     tokenizer = tokenizer_of(folder)
@@ -155,8 +154,7 @@ def export_hf(ckpt: str | Path, out: str | Path) -> Path:
     from safetensors.torch import save_file
 
     ckpt, out = resolve_checkpoint(Path(ckpt)), Path(out)
-    if out.exists():
-        raise CheckpointError(f"{out} already exists; export-hf writes a new folder: remove it or name another")
+    check_new(out, "export-hf")
     model, config, tokenizer, _ = load_checkpoint(ckpt)
     m = config.model
     if not m.bias:
