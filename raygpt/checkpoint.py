@@ -305,6 +305,24 @@ def latest_checkpoint(directory: str | Path) -> Optional[Path]:
     return best
 
 
+def best_checkpoint(directory: str | Path, depth: int = 4) -> Optional[Path]:
+    """The valid checkpoint with the lowest val loss anywhere below ``directory`` (a run folder, or a tune
+    experiment's trial folders, ``depth`` levels down); the highest step among equals, and the latest when
+    none has a val loss. What `raygpt serve --follow` serves."""
+    def ranked(meta: dict, path: Path) -> tuple:  # sorts best first
+        loss = meta.get("val_loss")
+        return loss is None, loss if loss is not None else 0.0, -meta["step"], str(path), path
+
+    found = [ranked(meta, child) for child, meta, problem in _checkpoints(directory) if problem is None]
+    if depth > 1 and Path(directory).is_dir():
+        for sub in sorted(Path(directory).iterdir()):
+            if sub.is_dir() and not sub.name.startswith(".") and not (sub / META).exists():
+                best = best_checkpoint(sub, depth - 1)
+                if best is not None:
+                    found.append(ranked(read_meta(best), best))
+    return min(found)[-1] if found else None
+
+
 def incomplete_checkpoints(directory: str | Path) -> list[tuple[Path, str]]:
     """The checkpoints below ``directory`` that latest_checkpoint skips for a missing or cut file, and which."""
     return [(child, problem) for child, _, problem in _checkpoints(directory) if problem is not None]

@@ -1,4 +1,4 @@
-"""`raygpt prepare|train|tune|generate|export|import-hf|export-hf ...`: the command line, and what jobs/*.py call.
+"""`raygpt prepare|train|tune|generate|eval|serve|export|import-hf|export-hf ...`: the command line, and what jobs/*.py call.
 
     raygpt train configs/default.yaml model.n_layer=6 optim.lr=3e-4
     raygpt generate runs/NAME "def main(" --max-new-tokens 100 --temperature 0.8 --top-k 50
@@ -59,6 +59,17 @@ KEYS = {
     "lora.targets": "comma-separated: c_attn, c_proj, c_fc",
     "sample.prompt": "the prompt of the samples at every eval and after training",
     "logging.wandb": "log to Weights & Biases (--wandb)",
+    "serve.host": "the address to listen on (0.0.0.0: every interface; --host)",
+    "serve.port": "the HTTP port (--port)",
+    "serve.route_prefix": "where the app is mounted (/gpt: http://HOST:PORT/gpt/)",
+    "serve.replicas": "Serve replicas, each with the whole model (--replicas)",
+    "serve.max_batch_size": "rows decoded together in one forward pass per token",
+    "serve.batch_wait_s": "how long a batch waits for more rows before it starts",
+    "serve.max_ongoing_requests": "requests a replica holds at once",
+    "serve.max_queued_requests": "requests waiting beyond those; more get 503 at once (-1: no limit)",
+    "serve.max_tokens_cap": "the most max_tokens a request may ask for",
+    "serve.quantize": "none, int8 (CPU), bf16 or fp16 (GPU) weights (--quantize)",
+    "serve.follow": "move to a better checkpoint of the run as training writes it (--follow)",
     "tune.seed": "the Optuna sampler's seed",
     "tune.grace_steps": "steps every trial runs before ASHA may stop it (none: train.eval_interval)",
     "tune.reduction_factor": "ASHA keeps the best 1/reduction_factor at each rung",
@@ -217,20 +228,53 @@ def cmd_tune(argv: Sequence[str]) -> int:
     return 0
 
 
-def cmd_generate(argv: Sequence[str]) -> int:
-    p = command_parser("generate", "Generate text from a raygpt checkpoint.")
-    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
-    p.add_argument("prompt", nargs="?", default="", help="text to continue (default: empty, a new document)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to generate at most (default 200)")
-    p.add_argument("--temperature", type=float, default=0.8, help="0 is greedy (default 0.8)")
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: Optional[int], temperature: float,
+                      seed: Optional[int], max_new_tokens_help: str) -> None:
+    """The sampling options of generate and eval (the rules: TextGenerator.check)."""
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help=max_new_tokens_help)
+    p.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature:g})")
     p.add_argument("--top-k", type=int, default=None, help="sample from the k most likely tokens only")
     p.add_argument("--top-p", type=float, default=None, help="nucleus sampling: the smallest set reaching p, in (0, 1]")
-    p.add_argument("--seed", type=int, default=None, help="the same seed gives the same text (sample i: seed + i)")
+    p.add_argument("--seed", type=int, default=seed, help="the same seed gives the same text; sample i, or the i-th "
+                   f"input prompt from 0, gets seed + i (default {'none: a random one' if seed is None else seed})")
     p.add_argument("--stop", action="append", default=None, help="stop before this string (repeatable)")
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer of at least 1 (a mistake is the usual one usage line)."""
+    if not text.strip().isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer of at least 1, got {text!r}")
+    return int(text)
+
+
+def add_pool_args(p) -> None:
+    """The Ray Data actor pool of generate --input and eval."""
+    p.add_argument("--actors", type=positive_int, default=None,
+                   help="actors, each loading the model once (default: one per CPU of the cluster, or per GPU)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="prompts (or blocks) per actor call (default 32)")
+
+
+def cmd_generate(argv: Sequence[str]) -> int:
+    p = command_parser("generate", "Generate text from a raygpt checkpoint. With --input: one completion per line of\n"
+                       "a JSONL file ({\"prompt\": ..., \"id\": ...} per line), on Ray Data with an actor pool.")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("prompt", nargs="?", default=None, help="text to continue (default: empty, a new document)")
+    add_sampling_args(p, 200, 0.8, None, "tokens to generate at most (default 200)")
     p.add_argument("--num-samples", type=int, default=1, help="samples to print (default 1)")
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, cuda:N or mps")
     p.add_argument("--no-stream", action="store_true", help="print each sample when it is complete")
+    batch = p.add_argument_group("batch generation on Ray Data (raygpt.offline)")
+    batch.add_argument("--input", metavar="FILE", help="JSONL of prompts, instead of PROMPT")
+    batch.add_argument("--output", metavar="FILE", help="JSONL of completions, one per input line, in its order")
+    batch.add_argument("--overwrite", action="store_true", help="replace an --output file that exists")
+    add_pool_args(batch)
     a = p.parse_args(argv)
+    if a.input is not None or a.output is not None:
+        return generate_input(p, a)
+    if a.overwrite or a.actors is not None or a.batch_size is not None:
+        p.error("--overwrite, --actors and --batch-size apply to --input only")
+    a.prompt = "" if a.prompt is None else a.prompt
     from raygpt.generate import load
 
     gen = load(a.checkpoint, device=a.device)
@@ -251,6 +295,59 @@ def cmd_generate(argv: Sequence[str]) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
         sys.stdout.write("\n")
+    return 0
+
+
+def generate_input(p: argparse.ArgumentParser, a: argparse.Namespace) -> int:
+    """`raygpt generate CKPT --input IN --output OUT`: usage checked here, the rest in raygpt.offline."""
+    if a.input is None or a.output is None:
+        p.error("--input and --output go together: --input FILE --output FILE")
+    if a.prompt is not None:
+        p.error("--input reads the prompts from its file; give no PROMPT with it")
+    if a.num_samples != 1 or a.no_stream:
+        p.error("--num-samples and --no-stream apply to one PROMPT, not to --input")
+    from raygpt.offline_io import plan_generate
+
+    # Every input checked (the checkpoint, the options, each line) before Ray is imported.
+    job = plan_generate(a.checkpoint, a.input, a.output, overwrite=a.overwrite,
+                        batch_size=32 if a.batch_size is None else a.batch_size, seed=a.seed,
+                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                        stop=a.stop)
+    from raygpt.offline import generate_file  # imports Ray
+
+    generate_file(job, actors=a.actors, device=a.device)
+    return 0
+
+
+def cmd_eval(argv: Sequence[str]) -> int:
+    p = command_parser("eval", "Evaluate a checkpoint on Ray Data (an actor pool, the model loaded once per actor):\n"
+                       "perplexity over every block of a corpus (--data) and BLEU of greedy continuations against\n"
+                       "references (--pairs). Prints one table and writes it as JSON.")
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    p.add_argument("--data", metavar="SOURCE", help="held-out text, as data.source: a named corpus, a file, a folder, "
+                   "a glob or a URI; every document is scored in non-overlapping blocks of block_size tokens")
+    p.add_argument("--max-chars", type=int, default=None, help="read at most this many characters of --data")
+    p.add_argument("--text-field", default="text",
+                   help="the field of .jsonl/.json/.parquet --data records (default text)")
+    p.add_argument("--pairs", metavar="FILE", help='JSONL, one {"prompt": ..., "reference": ...} per line: BLEU '
+                   "(sacrebleu) of the continuations against the references")
+    p.add_argument("--json", default="eval.json", metavar="OUT", help="the table as JSON (default eval.json, replaced)")
+    p.add_argument("--device", default=None, help="the actors' device: auto (default), cpu, cuda")
+    add_pool_args(p)
+    add_sampling_args(p, None, 0.0, 0, "--pairs: tokens to generate at most (default: the longest reference's)")
+    a = p.parse_args(argv)
+    if not a.data and not a.pairs:
+        p.error("give --data SOURCE (perplexity), --pairs FILE (BLEU), or both")
+    from raygpt.offline_io import plan_eval
+
+    # Every input checked and read before Ray is imported.
+    job = plan_eval(a.checkpoint, data=a.data, pairs=a.pairs, json_path=a.json,
+                    batch_size=32 if a.batch_size is None else a.batch_size, max_chars=a.max_chars,
+                    text_field=a.text_field, seed=a.seed, max_new_tokens=a.max_new_tokens, temperature=a.temperature,
+                    top_k=a.top_k, top_p=a.top_p, stop=a.stop)
+    from raygpt.offline import run_eval  # imports Ray
+
+    run_eval(job, actors=a.actors, device=a.device)
     return 0
 
 
@@ -300,8 +397,37 @@ def cmd_export_hf(argv: Sequence[str]) -> int:
     return 0
 
 
+def cmd_serve(argv: Sequence[str]) -> int:
+    p = command_parser("serve", "Serve a checkpoint on Ray Serve: an OpenAI-compatible API (POST /v1/completions, GET\n"
+                       "/v1/models), a web page for generation at /, batching of concurrent requests. Starts a\n"
+                       "local Ray cluster, or joins the one in RAY_ADDRESS. Ctrl-C stops it.",
+                       [k for k in KEYS if k.startswith("serve.")])
+    p.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint; "
+                   "with --follow its best, then the better ones as they come)")
+    p.add_argument("args", nargs="*", metavar="CONFIG key=value",
+                   help="a YAML config whose serve: section applies, then serve.key=value overrides")
+    p.add_argument("--replicas", type=int, default=None, help="replicas (serve.replicas)")
+    p.add_argument("--host", default=None, help="address to listen on (serve.host; default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
+    p.add_argument("--quantize", default=None, help="none, int8, bf16 or fp16 (serve.quantize)")
+    p.add_argument("--follow", action="store_true", help="follow the run folder's best checkpoint (serve.follow)")
+    p.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every route but /healthz (better: RAYGPT_API_KEY, "
+                   "which ps does not show)")
+    a = p.parse_intermixed_args(argv)
+    path, overrides = split_config_args(a.args)
+    flags = {"replicas": a.replicas, "host": a.host, "port": a.port, "quantize": a.quantize,
+             "follow": True if a.follow else None}
+    overrides += [f"serve.{k}={v if isinstance(v, str) else str(v).lower()}" for k, v in flags.items() if v is not None]
+    cfg = load_config(path, overrides)
+    from raygpt.serve.server import run_server
+
+    run_server(a.checkpoint, cfg, api_key=a.api_key or os.environ.get("RAYGPT_API_KEY") or None)
+    return 0
+
+
 COMMANDS = {"prepare": cmd_prepare, "train": cmd_train, "tune": cmd_tune, "generate": cmd_generate,
-            "export": cmd_export, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
+            "eval": cmd_eval, "serve": cmd_serve, "export": cmd_export, "import-hf": cmd_import_hf, "export-hf": cmd_export_hf}
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -312,7 +438,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
               "  train [CONFIG] [key=value ...]   train a GPT on Ray (defaults < CONFIG < overrides);\n"
               "                                   --local trains in this process without Ray; --wandb logs to W&B\n"
               "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune\n"
-              "  generate CHECKPOINT [PROMPT]     sample text\n"
+              "  generate CHECKPOINT [PROMPT]     sample text; --input IN.jsonl --output OUT.jsonl: on Ray Data\n"
+              "  eval CHECKPOINT --data SOURCE    perplexity (--data) and BLEU (--pairs FILE) on Ray Data\n"
+              "  serve CHECKPOINT [--port 8000]   an OpenAI-compatible API and a web page on Ray Serve\n"
               "  export CHECKPOINT OUT            a single-file copy of a checkpoint (consolidates a sharded one)\n"
               "  import-hf SRC OUT                a Hugging Face GPT-2 folder (or hub id) as a raygpt checkpoint\n"
               "  export-hf CHECKPOINT OUT         a raygpt checkpoint as a Hugging Face GPT-2 folder\n"

@@ -178,6 +178,32 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 
 
 @dataclass
+class ServeConfig:
+    # `raygpt serve` (raygpt/serve/): an OpenAI-compatible server on Ray Serve. Training ignores this section.
+    host: str = "127.0.0.1"  # loopback unless told otherwise (0.0.0.0: every interface)
+    port: int = 8000
+    route_prefix: str = "/"  # where the app is mounted (its web page uses relative URLs)
+    replicas: int = 1
+    cpus_per_replica: Optional[float] = None  # None: the cluster's CPUs shared out over the replicas
+    # Batching policy: requests that arrive within batch_wait_s of the first decode together, up to
+    # max_batch_size rows (a request with n choices or a list of prompts is several rows), one forward pass
+    # per token for all of them. A batch runs until its last row ends; rows arriving meanwhile form the next.
+    max_batch_size: int = 16
+    batch_wait_s: float = 0.02
+    # Overload: requests a replica holds at once (decoding or waiting for a batch); beyond them up to
+    # max_queued_requests wait at the proxy, and any more get 503 at once instead of piling up.
+    max_ongoing_requests: int = 32
+    max_queued_requests: int = 32
+    max_tokens_cap: int = 1024  # the most max_tokens a request may ask for (more is a 400 naming the cap)
+    default_max_tokens: int = 16  # a request without max_tokens (OpenAI's default)
+    # Weights in memory: int8 (dynamic int8 Linear layers, CPU), bf16 or fp16 (GPU); none keeps the checkpoint's.
+    quantize: Literal["none", "int8", "bf16", "fp16"] = "none"
+    # Move to a better checkpoint of the run (or tune experiment) as training writes it, every follow_interval_s.
+    follow: bool = False
+    follow_interval_s: float = 5.0
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -188,6 +214,7 @@ class Config:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -406,6 +433,20 @@ def validate(cfg: Config) -> None:
                           "train.precision=bf16 or fp32, or use ray.strategy=ddp on GPUs without bf16")
     positive("ray.cpus_per_worker", r.cpus_per_worker)
     positive("ray.threads_per_worker", r.threads_per_worker)
+    v = cfg.serve
+    for key in ("port", "replicas", "max_batch_size", "max_ongoing_requests", "max_tokens_cap", "follow_interval_s",
+                "cpus_per_replica"):
+        positive(f"serve.{key}", getattr(v, key))
+    if v.port > 65535:
+        raise ConfigError(f"serve.port={v.port} is not a port (1-65535)")
+    if v.batch_wait_s < 0 or v.max_queued_requests < -1:
+        raise ConfigError("serve.batch_wait_s must not be negative and serve.max_queued_requests must be -1 (no limit) "
+                          f"or more, got {v.batch_wait_s} and {v.max_queued_requests}")
+    if not 0 <= v.default_max_tokens <= v.max_tokens_cap:
+        raise ConfigError(f"serve.default_max_tokens={v.default_max_tokens} must be from 0 to serve.max_tokens_cap="
+                          f"{v.max_tokens_cap}")
+    if not v.route_prefix.startswith("/"):
+        raise ConfigError(f"serve.route_prefix={v.route_prefix!r} must start with / (e.g. /gpt)")
     if s.eval_tokens < 0:
         raise ConfigError(f"sample.eval_tokens={s.eval_tokens} must not be negative (0: no sample at evals)")
     try:

@@ -9,8 +9,9 @@ from __future__ import annotations
 import os
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence, Union
+from typing import Callable, Iterator, Optional, Sequence, TypeVar, Union
 
 import torch
 
@@ -19,6 +20,9 @@ from raygpt.config import Config, check_sampling
 from raygpt.model import GPT, KVCache
 from raygpt.tokenizer import CharTokenizer, Tokenizer
 from raygpt.train import autocast, resolve_device, resolve_precision
+
+T = TypeVar("T")
+PerRow = Union[T, Sequence[T]]  # one value for every row of a batch, or one per row
 
 
 def filter_top_k(logits: torch.Tensor, k: int) -> torch.Tensor:
@@ -64,8 +68,9 @@ def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, tempera
 
 
 @torch.no_grad()
-def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int, temperature: float = 1.0,
-                   top_k: Optional[int] = None, top_p: Optional[float] = None,
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                   temperature: PerRow[float] = 1.0, top_k: PerRow[Optional[int]] = None,
+                   top_p: PerRow[Optional[float]] = None,
                    generators: Optional[Sequence[Optional[torch.Generator]]] = None, use_cache: bool = True,
                    precision: str = "fp32", finished: Optional[set] = None) -> Iterator[list[tuple[int, int]]]:
     """Continue several prompts together, one forward pass per new token for all of them, under
@@ -75,7 +80,10 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
     (end of text, a stop string) by adding its index to ``finished``; the row leaves the batch and its cache
     before the next step. Prompts of different lengths are left-padded (GPT.forward's ``pad``). Each row
     samples with its own generator (``generators[row]``), so a row's ids are those of the same prompt alone
-    with the same generator, up to float rounding between batch shapes.
+    with the same generator, up to float rounding between batch shapes, as long as the longest prompt and
+    the new tokens fit in block_size (past it the window below slides for every row at once, when the
+    longest row fills it). ``temperature``, ``top_k`` and
+    ``top_p`` are one value for every row or a sequence of one per row (a server's requests differ).
 
     The context is the last block_size tokens. With the KV cache each new token costs one position;
     when the cache is full the window slides: the cache is refilled from each row's last 3/4 block_size
@@ -91,6 +99,8 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
         return
     rows = list(range(len(tokens)))  # the prompt index of each batch row
     generators = list(generators) if generators is not None else [None] * len(tokens)
+    temperatures, top_ks, top_ps = (list(v) if isinstance(v, (list, tuple)) else [v] * len(tokens)
+                                    for v in (temperature, top_k, top_p))
     finished = finished if finished is not None else set()
     keep = max(1, block - block // 4)
 
@@ -111,10 +121,10 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
         with amp():
             logits, _ = model(x, cache=cache, pad=pad)
         logits = logits[:, -1, :]
-        if temperature == 0:
+        if all(temperatures[r] == 0 for r in rows):
             next_ids = logits.float().argmax(dim=-1).tolist()
-        else:  # row by row: each row's own generator, so a row draws as it would alone
-            next_ids = [int(sample_next(logits[i:i + 1], temperature, top_k, top_p, generators[r]))
+        else:  # row by row: each row's own settings and generator, so a row draws as it would alone
+            next_ids = [int(sample_next(logits[i:i + 1], temperatures[r], top_ks[r], top_ps[r], generators[r]))
                         for i, r in enumerate(rows)]
         for t, n in zip(tokens, next_ids):
             t.append(n)
@@ -169,27 +179,29 @@ class TextGenerator:
                 f"{self.tokenizer!r}, device={self.device})")
 
     def generate(self, prompt: Union[str, list[str]], max_new_tokens: int = 200, temperature: float = 1.0,
-                 top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
-                 stop: Union[str, list[str], None] = None, stream: bool = False, use_cache: bool = True,
-                 batch_size: int = 32):
+                 top_k: Optional[int] = None, top_p: Optional[float] = None,
+                 seed: Union[int, None, Sequence[Optional[int]]] = None, stop: Union[str, list[str], None] = None,
+                 stream: bool = False, use_cache: bool = True, batch_size: int = 32):
         """Continue ``prompt``. A string gives a string, a list gives a list, ``stream=True`` gives an
         iterator of text pieces (one prompt). Stops after max_new_tokens, at the end-of-text token, or
         before the first ``stop`` string (not included). Same seed, same text; prompts longer than
         block_size keep their last block_size tokens. A list is generated ``batch_size`` prompts at a time,
-        each batch in one forward pass per token; with a seed, each prompt's text is the one it gets alone
-        with that seed. Every argument is checked (see check) before any token is generated."""
+        each batch in one forward pass per token, and each prompt's text is the one it gets alone with its
+        seed (``seed``: one for every prompt, or a list of one per prompt). Every argument is checked (see
+        check) before any token is generated."""
         if stream and not isinstance(prompt, str):
             raise ValueError("stream=True takes one prompt string, not a list")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be an integer of at least 1")
         stops = self.check(prompt, max_new_tokens, temperature, top_k, top_p, seed, stop)
-        args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                    seed=seed, stops=stops, use_cache=use_cache)
+        args = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stops=stops)
         if isinstance(prompt, str):
-            pieces = self._stream(prompt, **args)
+            pieces = self._stream(prompt, seed=seed, use_cache=use_cache, **args)
             return pieces if stream else "".join(pieces)
-        return [text for i in range(0, len(prompt), batch_size)
-                for text in self._batch(prompt[i:i + batch_size], **args)]
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed] * len(prompt)
+        rows = [Row(self.prompt_ids(p), generator=self.generator(s), **args) for p, s in zip(prompt, seeds)]
+        return [text for i in range(0, len(rows), batch_size) for text in self._batch(rows[i:i + batch_size],
+                                                                                       use_cache)]
 
     def check(self, prompt: Union[str, list[str]], max_new_tokens: int = 200, temperature: float = 1.0,
               top_k: Optional[int] = None, top_p: Optional[float] = None, seed: Optional[int] = None,
@@ -197,8 +209,13 @@ class TextGenerator:
         """The arguments of generate() checked, all of them, before any output: a ValueError naming the first
         bad one (``name`` turns an argument's name into what the user wrote, e.g. ``--top-p``). The numeric
         rules are raygpt.config.check_sampling's, shared with the sample.* keys. Returns the stop strings."""
-        check_sampling(name, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, num_samples=num_samples)
+        seeds = list(seed) if isinstance(seed, (list, tuple)) else [seed]
+        if isinstance(seed, (list, tuple)) and (isinstance(prompt, str) or len(seeds) != len(prompt)):
+            raise ValueError(f"{name('seed')}: a list of seeds needs a list of prompts of the same length "
+                             f"({len(seeds)} seeds)")
+        for one in seeds:
+            check_sampling(name, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                           seed=one, num_samples=num_samples)
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         if any(not isinstance(s, str) or not s for s in stops):
             raise ValueError(f"{name('stop')} strings must be non-empty strings, got {stops!r}")
@@ -210,46 +227,95 @@ class TextGenerator:
                          "knows only the characters of its training corpus")
         return stops
 
-    def _generator(self, seed: Optional[int]) -> torch.Generator:
+    def generator(self, seed: Optional[int]) -> torch.Generator:
+        """A generator on the model's device seeded with ``seed`` (None: a random seed)."""
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed if seed is not None else random.SystemRandom().randrange(2**63))
         return generator
 
-    def _ids(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]  # empty: a new document
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The token ids of a prompt; the empty prompt is the end-of-text token (a new document)."""
+        return self.tokenizer.encode(prompt) if prompt else [self.tokenizer.eot_id]
 
-    def _stream(self, prompt: str, max_new_tokens, temperature, top_k, top_p, seed, stops,
-                use_cache) -> Iterator[str]:
-        text = TextStream(self.tokenizer, stops)
-        for next_id in generate_tokens(self.model, self._ids(prompt), max_new_tokens, temperature, top_k, top_p,
-                                       self._generator(seed), use_cache, self.precision):
-            if next_id == self.tokenizer.eot_id:
-                break
-            piece = text.push(next_id)
+    def _stream(self, prompt: str, seed: Optional[int], use_cache: bool, **args) -> Iterator[str]:
+        rows = [Row(self.prompt_ids(prompt), generator=self.generator(seed), **args)]
+        for ((_, piece, _),) in decode_rows(self.model, self.tokenizer, rows, use_cache, self.precision):
             if piece:
                 yield piece
-            if text.done:
-                return
-        rest = text.finish()
-        if rest:
-            yield rest
 
-    def _batch(self, prompts: list[str], max_new_tokens, temperature, top_k, top_p, seed, stops,
-               use_cache) -> list[str]:
-        texts = [TextStream(self.tokenizer, stops) for _ in prompts]
-        pieces: list[list[str]] = [[] for _ in prompts]
-        finished: set[int] = set()
-        for step in generate_batch(self.model, [self._ids(p) for p in prompts], max_new_tokens, temperature,
-                                   top_k, top_p, [self._generator(seed) for _ in prompts], use_cache,
-                                   self.precision, finished):
-            for row, next_id in step:
-                if next_id == self.tokenizer.eot_id:
-                    finished.add(row)
-                    continue
-                pieces[row].append(texts[row].push(next_id))
-                if texts[row].done:
-                    finished.add(row)
-        return ["".join(p) + t.finish() for p, t in zip(pieces, texts)]
+    def _batch(self, rows: list[Row], use_cache: bool) -> list[str]:
+        pieces: list[list[str]] = [[] for _ in rows]
+        for group in exact_groups(rows, self.config.model.block_size):
+            for step in decode_rows(self.model, self.tokenizer, [rows[i] for i in group], use_cache, self.precision):
+                for j, piece, _ in step:
+                    pieces[group[j]].append(piece)
+        return ["".join(p) for p in pieces]
+
+
+def exact_groups(rows: Sequence[Row], block_size: int) -> list[list[int]]:
+    """Rows that decode_rows can decode together so that each text is the one its row gets alone: the rows of
+    a batch share one KV cache, whose window slides when the longest row fills it, so past block_size a row's
+    context would depend on the rows beside it. Rows whose prompt and new tokens fit in block_size form one
+    group; the others, groups of one prompt length (cropped to block_size), which slide as each would alone."""
+    groups: dict[int, list[int]] = {}
+    for i, row in enumerate(rows):
+        n = min(len(row.ids), block_size)
+        groups.setdefault(-1 if n + row.max_new_tokens <= block_size else n, []).append(i)
+    return list(groups.values())
+
+
+@dataclass
+class Row:
+    """One continuation of a batch: its prompt's token ids and how to sample it."""
+    ids: list[int]
+    max_new_tokens: int
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    generator: Optional[torch.Generator] = None
+    stops: Sequence[str] = ()
+
+
+def decode_rows(model: GPT, tokenizer: Tokenizer, rows: Sequence[Row], use_cache: bool = True,
+                precision: str = "fp32", cancelled: Callable[[int], bool] = lambda row: False
+                ) -> Iterator[list[tuple[int, str, Optional[str]]]]:
+    """Continue several rows together (generate_batch: one forward pass per token for all of them), as text.
+
+    Yields, per step, ``(row, piece, finish)`` for every row still going: ``piece`` the text that can be
+    shown now ('' while a character or a possible stop string is incomplete), ``finish`` None, or why the
+    row ended: "stop" (the end-of-text token or a stop string, which is not shown) or "length" (its
+    max_new_tokens). Every row ends exactly once. A row for which ``cancelled(row)`` turns true (a client
+    that went away) leaves the batch before the next step, without a finish."""
+    texts = [TextStream(tokenizer, row.stops) for row in rows]
+    empty = [(i, "", "length") for i, row in enumerate(rows) if row.max_new_tokens == 0]
+    if empty:
+        yield empty
+    live = [i for i, row in enumerate(rows) if row.max_new_tokens > 0]  # generate_batch's rows: live[j]
+    if not live:
+        return
+    finished: set[int] = set()
+    made = [0] * len(rows)
+    steps = generate_batch(model, [rows[i].ids for i in live], max(rows[i].max_new_tokens for i in live),
+                           [rows[i].temperature for i in live], [rows[i].top_k for i in live],
+                           [rows[i].top_p for i in live], [rows[i].generator for i in live], use_cache, precision,
+                           finished)
+    for step in steps:
+        out = []
+        for j, next_id in step:
+            i = live[j]
+            made[i] += 1
+            text = texts[i]
+            if next_id == tokenizer.eot_id:
+                piece, finish = text.finish(), "stop"
+            else:
+                piece = text.push(next_id)
+                finish = ("stop" if text.done else "length" if made[i] >= rows[i].max_new_tokens else None)
+                if finish == "length":
+                    piece += text.finish()
+            if finish is not None or cancelled(i):
+                finished.add(j)
+            out.append((i, piece, finish))
+        yield out
 
 
 class TextStream:
@@ -312,17 +378,22 @@ def _stop_start(text: str, stops: list[str]) -> int:
     return longest
 
 
-def load(path, device: Union[str, torch.device, None] = None, check: bool = True) -> TextGenerator:
+def load(path, device: Union[str, torch.device, None] = None, check: bool = True,
+         quantize: str = "none") -> TextGenerator:
     """Load a raygpt checkpoint for generation.
 
     ``path``: a checkpoint directory, a run directory (its latest checkpoint), or a Ray ``Checkpoint``
     (anything with ``to_directory()``, e.g. ``result.checkpoint``). ``device``: None picks CUDA, then
-    MPS, then CPU."""
+    MPS, then CPU. ``quantize``: none, or int8 / bf16 / fp16 weights in memory (raygpt.quantize)."""
     device = resolve_device("auto" if device is None else str(device))
     from raygpt.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(_local_path(path))
     model, config, tokenizer, _ = load_checkpoint(path, device=device, check=check)
+    if quantize != "none":
+        from raygpt.quantize import quantize as quantize_model
+
+        model = quantize_model(model, quantize, device)
     return TextGenerator(model, tokenizer, config, device)
 
 

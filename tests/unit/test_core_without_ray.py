@@ -22,6 +22,8 @@ def test_core_imports_and_trains_with_ray_blocked(tmp_path):
         import raygpt, raygpt.config, raygpt.model, raygpt.tokenizer, raygpt.train, raygpt.checkpoint
         import raygpt.generate, raygpt.local, raygpt.runs, raygpt.cli, raygpt.data.corpus, raygpt.data.sources
         import raygpt.tracking, raygpt.tune_space, raygpt.tune_report, raygpt.parallel, raygpt.hf, raygpt.pretrained
+        import raygpt.offline_io
+        import raygpt.serve, raygpt.serve.api, raygpt.serve.server
         from raygpt.config import load_config
         from raygpt.local import train_local
         cfg = load_config(None, ["model.n_layer=1", "model.n_head=1", "model.n_embd=16", "model.block_size=16",
