@@ -409,7 +409,8 @@ def cmd_serve(argv: Sequence[str]) -> int:
     p.add_argument("--replicas", type=int, default=None, help="replicas (serve.replicas)")
     p.add_argument("--host", default=None, help="address to listen on (serve.host; default 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="HTTP port (serve.port; default 8000)")
-    p.add_argument("--quantize", default=None, help="none, int8, bf16 or fp16 (serve.quantize)")
+    p.add_argument("--quantize", default=None, choices=("none", "int8", "bf16", "fp16"),
+                   help="weights in memory: int8 (CPU), bf16, fp16 (GPU) (serve.quantize)")
     p.add_argument("--follow", action="store_true", help="follow the run folder's best checkpoint (serve.follow)")
     p.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every route but /healthz (better: RAYGPT_API_KEY, "

@@ -185,11 +185,12 @@ class ServeConfig:
     route_prefix: str = "/"  # where the app is mounted (its web page uses relative URLs)
     replicas: int = 1
     cpus_per_replica: Optional[float] = None  # None: the cluster's CPUs shared out over the replicas
-    # Batching policy: requests that arrive within batch_wait_s of the first decode together, up to
-    # max_batch_size rows (a request with n choices or a list of prompts is several rows), one forward pass
-    # per token for all of them. A batch runs until its last row ends; rows arriving meanwhile form the next.
+    # Batching policy (continuous): every row in flight decodes in one forward pass per token, up to
+    # max_batch_size rows (a request with n choices or a list of prompts is several rows). Rows that arrive
+    # while a batch runs join it at the next step (their prompts prefilled beside the running rows' cache);
+    # on an idle replica, the first rows wait batch_wait_s for the rest of a burst.
     max_batch_size: int = 16
-    batch_wait_s: float = 0.02
+    batch_wait_s: float = 0.01
     # Overload: requests a replica holds at once (decoding or waiting for a batch); beyond them up to
     # max_queued_requests wait at the proxy, and any more get 503 at once instead of piling up.
     max_ongoing_requests: int = 32

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import random
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence, TypeVar, Union
 
@@ -18,8 +18,10 @@ import torch
 from raygpt.checkpoint import CheckpointError, load_checkpoint
 from raygpt.config import Config, check_sampling
 from raygpt.model import GPT, KVCache
+from raygpt.quantize import precision_for
+from raygpt.quantize import quantize as quantize_model
 from raygpt.tokenizer import CharTokenizer, Tokenizer
-from raygpt.train import autocast, resolve_device, resolve_precision
+from raygpt.train import autocast, resolve_device
 
 T = TypeVar("T")
 PerRow = Union[T, Sequence[T]]  # one value for every row of a batch, or one per row
@@ -68,11 +70,12 @@ def generate_tokens(model: GPT, ids: Sequence[int], max_new_tokens: int, tempera
 
 
 @torch.no_grad()
-def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens: Optional[int],
                    temperature: PerRow[float] = 1.0, top_k: PerRow[Optional[int]] = None,
                    top_p: PerRow[Optional[float]] = None,
                    generators: Optional[Sequence[Optional[torch.Generator]]] = None, use_cache: bool = True,
-                   precision: str = "fp32", finished: Optional[set] = None) -> Iterator[list[tuple[int, int]]]:
+                   precision: str = "fp32", finished: Optional[set] = None,
+                   incoming: Optional[Callable[[], list[tuple]]] = None) -> Iterator[list[tuple[int, int]]]:
     """Continue several prompts together, one forward pass per new token for all of them, under
     ``precision``'s autocast (fp32, bf16, fp16) with the KV cache in the dtype attention computes in.
 
@@ -82,8 +85,14 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
     samples with its own generator (``generators[row]``), so a row's ids are those of the same prompt alone
     with the same generator, up to float rounding between batch shapes, as long as the longest prompt and
     the new tokens fit in block_size (past it the window below slides for every row at once, when the
-    longest row fills it). ``temperature``, ``top_k`` and
-    ``top_p`` are one value for every row or a sequence of one per row (a server's requests differ).
+    longest row fills it). ``temperature``, ``top_k`` and ``top_p`` are one value for every row or a
+    sequence of one per row (a server's requests differ).
+
+    ``incoming`` (a server's continuous batching) is called after each step: the rows it returns, each
+    ``(ids, temperature, top_k, top_p, generator)``, join the batch as rows len(prompts), len(prompts) + 1,
+    ...: their prompts but the last token are prefilled into the cache beside the others' (one forward pass
+    over the new rows only; the others' slots move right when a new prompt is longer), and they decode from
+    the next step on. ``max_new_tokens`` None: steps until every row has finished.
 
     The context is the last block_size tokens. With the KV cache each new token costs one position;
     when the cache is full the window slides: the cache is refilled from each row's last 3/4 block_size
@@ -92,60 +101,102 @@ def generate_batch(model: GPT, prompts: Sequence[Sequence[int]], max_new_tokens:
     block = model.config.block_size
     device = next(model.parameters()).device
     amp = lambda: autocast(device, precision)  # noqa: E731 (entered anew for each token)
-    tokens = [list(p)[-block:] for p in prompts]
-    if any(not t for t in tokens):
-        raise ValueError("every prompt needs at least one token id")
-    if not tokens:
-        return
-    rows = list(range(len(tokens)))  # the prompt index of each batch row
-    generators = list(generators) if generators is not None else [None] * len(tokens)
-    temperatures, top_ks, top_ps = (list(v) if isinstance(v, (list, tuple)) else [v] * len(tokens)
-                                    for v in (temperature, top_k, top_p))
+    rows: list[int] = []  # the prompt index of each batch row
+    tokens: list[list[int]] = []  # each batch row's tokens (its context is the last block_size of them)
+    temperatures, top_ks, top_ps, gens = [], [], [], []  # by prompt index
     finished = finished if finished is not None else set()
     keep = max(1, block - block // 4)
+    # The dtype attention computes in (bf16 under autocast): a cache in fp32 would cost twice the memory and a
+    # cast of the whole cache per layer per token.
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, next(model.parameters()).dtype)
 
-    def padded(contexts: list[list[int]]) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        width = max(len(c) for c in contexts)
+    def add(new: Sequence[tuple]) -> list[list[int]]:  # register rows; their contexts
+        contexts = [list(ids)[-block:] for ids, *_ in new]
+        if any(not c for c in contexts):
+            raise ValueError("every prompt needs at least one token id")
+        for ids, t, k, p, g in new:
+            rows.append(len(temperatures))
+            temperatures.append(t), top_ks.append(k), top_ps.append(p), gens.append(g)
+        tokens.extend(contexts)
+        return contexts
+
+    def padded(contexts: list[list[int]], width: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        width = max(len(c) for c in contexts) if width is None else width
         pad = [width - len(c) for c in contexts]
         x = torch.tensor([[0] * n + c for n, c in zip(pad, contexts)], dtype=torch.long, device=device)
         return x, torch.tensor(pad, device=device) if any(pad) else None
 
-    cache = None
-    if use_cache:
-        # The dtype attention computes in (bf16 under autocast): a cache in fp32 would cost twice the
-        # memory and a cast of the whole cache per layer per token.
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, next(model.parameters()).dtype)
-        cache = KVCache.empty(model.config, len(rows), device, dtype)
-    x, pad = padded(tokens)
-    for _ in range(max_new_tokens):
+    def start() -> tuple[Optional[KVCache], torch.Tensor, Optional[torch.Tensor]]:  # every row from its context
+        cache = KVCache.empty(model.config, len(rows), device, dtype) if use_cache else None
+        return (cache, *padded([t[-block:] for t in tokens]))
+
+    def join(cache: KVCache, pad: Optional[torch.Tensor], next_ids: list[int], new: Sequence[tuple]):
+        """The rows of ``new`` into a running batch whose next input is ``next_ids``."""
+        before = [c[:-1] for c in add(new)]  # prefilled now; each last token goes in with the next step
+        width = max(cache.pos, max(len(b) for b in before))
+        old = len(next_ids)
+        pad = pad if pad is not None else torch.zeros(old, dtype=torch.long, device=device)
+        if width > cache.pos:  # the running rows' slots move right (positions come from slot - pad)
+            shift = width - cache.pos
+            for kv in (cache.k, cache.v):
+                for i, t in enumerate(kv):
+                    kv[i] = torch.cat([torch.zeros_like(t[:, :, :shift]), t[:, :, :-shift]], dim=2)
+            cache.pos, pad = width, pad + shift
+        fresh = KVCache.empty(model.config, len(new), device, dtype)
+        xb, padb = padded(before, width)
+        if width > 0:
+            with amp():
+                model(xb, cache=fresh, pad=padb)
+        fresh.pos = width
+        for kv, more in ((cache.k, fresh.k), (cache.v, fresh.v)):
+            for i, t in enumerate(more):
+                kv[i] = torch.cat([kv[i], t])
+        pad = torch.cat([pad, padb if padb is not None else torch.zeros(len(new), dtype=torch.long, device=device)])
+        x = torch.tensor(next_ids + [t[-1] for t in tokens[old:]], dtype=torch.long, device=device)[:, None]
+        return x, pad if bool(pad.any()) else None
+
+    add([(ids, *(v[i] if isinstance(v, (list, tuple)) else v for v in (temperature, top_k, top_p)),
+          generators[i] if generators is not None else None) for i, ids in enumerate(prompts)])
+    if not rows:
+        return
+    cache, x, pad = start()
+    step = 0
+    while max_new_tokens is None or step < max_new_tokens:
+        step += 1
         with amp():
             logits, _ = model(x, cache=cache, pad=pad)
         logits = logits[:, -1, :]
         if all(temperatures[r] == 0 for r in rows):
             next_ids = logits.float().argmax(dim=-1).tolist()
         else:  # row by row: each row's own settings and generator, so a row draws as it would alone
-            next_ids = [int(sample_next(logits[i:i + 1], temperatures[r], top_ks[r], top_ps[r], generators[r]))
+            next_ids = [int(sample_next(logits[i:i + 1], temperatures[r], top_ks[r], top_ps[r], gens[r]))
                         for i, r in enumerate(rows)]
         for t, n in zip(tokens, next_ids):
             t.append(n)
         yield list(zip(rows, next_ids))
         going = [i for i, r in enumerate(rows) if r not in finished]
-        if not going:
-            return
+        new = incoming() if incoming is not None else []
         if len(going) < len(rows):  # finished rows leave the batch
             rows, tokens, next_ids = ([a[i] for i in going] for a in (rows, tokens, next_ids))
             index = torch.tensor(going, device=device)
-            if cache is not None:
+            if cache is not None and going:
                 cache.keep_rows(index)
             if pad is not None:
-                pad = pad[index] if bool(pad[index].any()) else None
-        if cache is None:
-            x, pad = padded([t[-block:] for t in tokens])
-        elif cache.pos < block:
-            x = torch.tensor(next_ids, dtype=torch.long, device=device)[:, None]  # (B, 1)
-        else:
+                pad = pad[index] if going and bool(pad[index].any()) else None
+        if not rows and not new:
+            return
+        if not rows or cache is None:  # start afresh from every row's context (no cache: every step)
+            add(new)
+            cache, x, pad = start()
+        elif cache.pos >= block:  # the window slides for the running rows; new rows come whole
+            contexts = [t[-keep:] for t in tokens] + add(new)
+            cache = KVCache.empty(model.config, len(rows), device, dtype) if new else cache
             cache.reset()
-            x, pad = padded([t[-keep:] for t in tokens])
+            x, pad = padded(contexts)
+        elif new:
+            x, pad = join(cache, pad, next_ids, new)
+        else:
+            x = torch.tensor(next_ids, dtype=torch.long, device=device)[:, None]  # (B, 1)
 
 
 def check_prompt(tokenizer: Tokenizer, prompt: str, name: str, fix: str) -> None:
@@ -166,17 +217,20 @@ def check_prompt(tokenizer: Tokenizer, prompt: str, name: str, fix: str) -> None
 class TextGenerator:
     """A trained model with its tokenizer and config: what ``raygpt.load`` returns."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, config: Config, device: torch.device):
-        self.model = model.eval()
+    def __init__(self, model: GPT, tokenizer: Tokenizer, config: Config, device: torch.device, quantize: str = "none"):
+        self.params = model.num_params()  # before quantizing: int8 Linear layers hold no nn.Parameter
         self.tokenizer = tokenizer
         self.config = config
         self.device = device
-        self.precision = resolve_precision("auto", device)
+        self.quantize = quantize
+        # int8 / bf16 / fp16 weights in memory only (raygpt/quantize.py), generated without autocast
+        self.model = quantize_model(model.eval(), quantize, device)
+        self.precision = precision_for(quantize, device)
 
     def __repr__(self) -> str:
         m = self.config.model
-        return (f"TextGenerator({self.model.num_params() / 1e6:.2f}M params, {m.n_layer} layers, "
-                f"{self.tokenizer!r}, device={self.device})")
+        return (f"TextGenerator({self.params / 1e6:.2f}M params, {m.n_layer} layers, {self.tokenizer!r}, "
+                f"device={self.device}" + (f", quantize={self.quantize}" if self.quantize != "none" else "") + ")")
 
     def generate(self, prompt: Union[str, list[str]], max_new_tokens: int = 200, temperature: float = 1.0,
                  top_k: Optional[int] = None, top_p: Optional[float] = None,
@@ -274,48 +328,77 @@ class Row:
     top_p: Optional[float] = None
     generator: Optional[torch.Generator] = None
     stops: Sequence[str] = ()
+    # Where decode_rows left it: ids holds the new tokens too, made counts them, text holds the text not yet
+    # shown. Decoding the row again (a server rebuilding its batch) continues it exactly where it stopped.
+    made: int = 0
+    text: Optional["TextStream"] = field(default=None, repr=False)
 
 
 def decode_rows(model: GPT, tokenizer: Tokenizer, rows: Sequence[Row], use_cache: bool = True,
-                precision: str = "fp32", cancelled: Callable[[int], bool] = lambda row: False
-                ) -> Iterator[list[tuple[int, str, Optional[str]]]]:
+                precision: str = "fp32", cancelled: Callable[[int], bool] = lambda row: False,
+                incoming: Optional[Callable[[], list[Row]]] = None) -> Iterator[list[tuple[int, str, Optional[str]]]]:
     """Continue several rows together (generate_batch: one forward pass per token for all of them), as text.
 
     Yields, per step, ``(row, piece, finish)`` for every row still going: ``piece`` the text that can be
     shown now ('' while a character or a possible stop string is incomplete), ``finish`` None, or why the
     row ended: "stop" (the end-of-text token or a stop string, which is not shown) or "length" (its
     max_new_tokens). Every row ends exactly once. A row for which ``cancelled(row)`` turns true (a client
-    that went away) leaves the batch before the next step, without a finish."""
-    texts = [TextStream(tokenizer, row.stops) for row in rows]
-    empty = [(i, "", "length") for i, row in enumerate(rows) if row.max_new_tokens == 0]
+    that went away) leaves the batch before the next step, without a finish. ``incoming`` (continuous
+    batching) is called after each step; the rows it returns join, numbered on from the last. Each row's
+    ids, made and text move on with it (a row can be decoded on in another call)."""
+    rows = list(rows)
+    live: list[int] = []  # generate_batch's row j is rows[live[j]]
+    empty: list[tuple[int, str, Optional[str]]] = []  # rows that come with nothing left to make
+
+    def take(first: int) -> list[tuple]:
+        out = []
+        for i in range(first, len(rows)):
+            row = rows[i]
+            if row.text is None:
+                row.text = TextStream(tokenizer, row.stops)
+            if row.made >= row.max_new_tokens:
+                empty.append((i, "", "length"))
+            else:
+                live.append(i)
+                out.append((row.ids, row.temperature, row.top_k, row.top_p, row.generator))
+        return out
+
+    def more() -> list[tuple]:
+        first = len(rows)
+        rows.extend(incoming())
+        return take(first)
+
+    start = take(0)
     if empty:
-        yield empty
-    live = [i for i, row in enumerate(rows) if row.max_new_tokens > 0]  # generate_batch's rows: live[j]
-    if not live:
+        yield list(empty)
+        empty.clear()
+    if not start:
         return
     finished: set[int] = set()
-    made = [0] * len(rows)
-    steps = generate_batch(model, [rows[i].ids for i in live], max(rows[i].max_new_tokens for i in live),
-                           [rows[i].temperature for i in live], [rows[i].top_k for i in live],
-                           [rows[i].top_p for i in live], [rows[i].generator for i in live], use_cache, precision,
-                           finished)
+    steps = generate_batch(model, [r[0] for r in start], None, [r[1] for r in start], [r[2] for r in start],
+                           [r[3] for r in start], [r[4] for r in start], use_cache, precision, finished,
+                           more if incoming is not None else None)
     for step in steps:
-        out = []
+        out = list(empty)
+        empty.clear()
         for j, next_id in step:
             i = live[j]
-            made[i] += 1
-            text = texts[i]
+            row, text = rows[i], rows[i].text
+            row.ids.append(next_id)
+            row.made += 1
             if next_id == tokenizer.eot_id:
                 piece, finish = text.finish(), "stop"
             else:
                 piece = text.push(next_id)
-                finish = ("stop" if text.done else "length" if made[i] >= rows[i].max_new_tokens else None)
+                finish = ("stop" if text.done else "length" if row.made >= row.max_new_tokens else None)
                 if finish == "length":
                     piece += text.finish()
             if finish is not None or cancelled(i):
                 finished.add(j)
             out.append((i, piece, finish))
         yield out
+    if empty:  # rows that joined with nothing to make as the last ones ended
+        yield list(empty)
 
 
 class TextStream:
@@ -390,11 +473,7 @@ def load(path, device: Union[str, torch.device, None] = None, check: bool = True
 
     path = resolve_checkpoint(_local_path(path))
     model, config, tokenizer, _ = load_checkpoint(path, device=device, check=check)
-    if quantize != "none":
-        from raygpt.quantize import quantize as quantize_model
-
-        model = quantize_model(model, quantize, device)
-    return TextGenerator(model, tokenizer, config, device)
+    return TextGenerator(model, tokenizer, config, device, quantize)
 
 
 def _local_path(path) -> Path:

@@ -47,6 +47,7 @@ class Completion:
     stream: bool = False
     include_usage: bool = False  # stream_options.include_usage: a last chunk with the usage
     warnings: list[str] = field(default_factory=list)
+    fingerprint: Optional[str] = None  # system_fingerprint: which replica answered (raygpt-PID)
 
 
 def parse_completion(body: bytes, gen: TextGenerator, settings: ServeConfig, model: str) -> Completion:
@@ -157,8 +158,8 @@ def usage(c: Completion, completion_tokens: int) -> dict:
 
 def response(c: Completion, choices: list[dict], completion_tokens: int) -> dict:
     """The whole answer of a request without stream (choices in index order)."""
-    out = {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": choices,
-           "usage": usage(c, completion_tokens)}
+    out = {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model,
+           "system_fingerprint": c.fingerprint, "choices": choices, "usage": usage(c, completion_tokens)}
     if c.warnings:
         out["warnings"] = c.warnings  # beyond OpenAI's shape: clients ignore fields they do not know
     return out
@@ -167,7 +168,8 @@ def response(c: Completion, choices: list[dict], completion_tokens: int) -> dict
 def chunk(c: Completion, choices: list[dict], completion_tokens: Optional[int] = None,
           warnings: Optional[list[str]] = None) -> str:
     """One server-sent event of a streamed answer (the usage in the last one, warnings in the first)."""
-    out = {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model, "choices": choices}
+    out = {"id": c.id, "object": "text_completion", "created": c.created, "model": c.model,
+           "system_fingerprint": c.fingerprint, "choices": choices}
     if completion_tokens is not None:
         out["usage"] = usage(c, completion_tokens)
     if warnings:
@@ -181,6 +183,6 @@ DONE = "data: [DONE]\n\n"
 def model_card(name: str, gen: TextGenerator, meta: dict, quantize: str) -> dict:
     """GET /v1/models' entry for the checkpoint: OpenAI's fields, and what a user wants to know of it."""
     return {"id": name, "object": "model", "created": int(meta.get("created", time.time())), "owned_by": "raygpt",
-            "step": meta.get("step"), "val_loss": meta.get("val_loss"), "parameters": gen.model.num_params(),
+            "step": meta.get("step"), "val_loss": meta.get("val_loss"), "parameters": gen.params,
             "context": gen.config.model.block_size, "tokenizer": gen.config.data.tokenizer, "quantize": quantize,
             "checkpoint": meta.get("path")}

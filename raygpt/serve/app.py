@@ -5,10 +5,8 @@
     GET  /healthz          200 while the replica serves (never needs the API key)
     GET  /                 the web page (static/index.html; relative URLs, so any route prefix works)
 
-Batching: each row of a request (a prompt's choice) is one call of ``_decode``, a ``@serve.batch`` async
-generator: the rows that arrive within serve.batch_wait_s decode together, up to serve.max_batch_size, one
-forward pass per token for all of them (raygpt.generate.decode_rows: each row its own sampling settings,
-prompt length and stop strings). The forward passes run in a thread, so the replica keeps answering.
+Batching: each row of a request (a prompt's choice) goes to the replica's Batcher (raygpt/serve/batcher.py):
+continuous batching, one forward pass per token for every row in flight, rows joining as they come.
 
 The model is (re)loaded by ``reconfigure`` (Serve's user_config, {"checkpoint": PATH}); with follow, each
 replica also looks for a better checkpoint below the run folder every serve.follow_interval_s and moves to
@@ -23,7 +21,6 @@ import hmac
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -35,8 +32,9 @@ from starlette.exceptions import HTTPException
 
 from raygpt.checkpoint import best_checkpoint, read_meta, resolve_checkpoint
 from raygpt.config import ServeConfig
-from raygpt.generate import Row, TextGenerator, decode_rows, load
+from raygpt.generate import TextGenerator, load
 from raygpt.serve import api
+from raygpt.serve.batcher import Batcher, Pending
 
 PAGE = Path(__file__).parent / "static" / "index.html"
 logger = logging.getLogger("ray.serve")
@@ -66,14 +64,6 @@ def choose_checkpoint(source: Path, follow: bool) -> Path:
     return resolve_checkpoint(source)
 
 
-@dataclass
-class Pending:
-    """A row waiting for, or in, a batch: the generator its prompt was tokenized with goes with it."""
-    row: Row
-    gen: TextGenerator
-    cancelled: bool = False  # the client went away: the row leaves its batch
-
-
 @serve.deployment
 @serve.ingress(web)
 class Completions:
@@ -84,9 +74,7 @@ class Completions:
         self.meta: dict = {}
         self.source: Optional[str] = None  # the checkpoint or run folder of the user_config
         self.follower: Optional[asyncio.Task] = None
-        self.batches = {"batches": 0, "rows": 0, "largest": 0}  # what /healthz tells of the batching
-        self._decode.set_max_batch_size(self.settings.max_batch_size)
-        self._decode.set_batch_wait_timeout_s(self.settings.batch_wait_s)
+        self.batcher: Optional[Batcher] = None  # made in the replica's event loop (reconfigure)
         cpus = self.settings.cpus_per_replica
         if cpus is not None and not torch.cuda.is_available():
             torch.set_num_threads(max(1, int(cpus)))  # one intra-op thread per CPU the replica holds
@@ -95,6 +83,9 @@ class Completions:
         """Serve's user_config: {"checkpoint": a checkpoint or run folder}. A run folder serves its latest
         checkpoint, or with serve.follow its best one, and then follows it."""
         source = str(user_config["checkpoint"])
+        if self.batcher is None:
+            v = self.settings
+            self.batcher = Batcher(v.max_batch_size, v.batch_wait_s)
         if source != self.source:
             await self._load(choose_checkpoint(Path(source), self.settings.follow))
             self.source = source
@@ -141,7 +132,7 @@ class Completions:
     @web.get("/healthz")
     async def healthz(self) -> dict:
         return {"status": "ok", "model": self.name, "step": self.meta.get("step"), "pid": os.getpid(),
-                "batches": self.batches}
+                "batches": self.batcher.stats}
 
     @web.get("/v1/models")
     async def models(self, request: Request) -> dict:
@@ -158,6 +149,7 @@ class Completions:
         self._check_key(request)
         gen = self.gen
         c = api.parse_completion(await request.body(), gen, self.settings, self.name)
+        c.fingerprint = f"raygpt-{os.getpid()}"
         pending = [Pending(row, gen) for row in c.rows]
         if c.stream:
             return StreamingResponse(self._events(c, pending), media_type="text/event-stream")
@@ -167,11 +159,8 @@ class Completions:
 
     async def _collect(self, p: Pending) -> tuple[str, Optional[str], int]:
         pieces, finish, tokens = [], None, 0
-        try:
-            async for piece, finish, tokens in self._decode(p):
-                pieces.append(piece)
-        finally:
-            p.cancelled = True  # a no-op when the row ended; when the request was cancelled, it leaves the batch
+        async for piece, finish, tokens in self.batcher.decode(p):  # a cancelled request: the row leaves
+            pieces.append(piece)
         return "".join(pieces), finish, tokens
 
     async def _events(self, c: api.Completion, pending: list[Pending]):
@@ -181,7 +170,7 @@ class Completions:
 
         async def pump(index: int, p: Pending) -> None:
             try:
-                async for item in self._decode(p):
+                async for item in self.batcher.decode(p):
                     await queue.put((index, item))
             finally:
                 await queue.put((index, None))
@@ -208,31 +197,6 @@ class Completions:
                 p.cancelled = True
             for task in tasks:
                 task.cancel()
-
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.02)  # both set from serve.* in __init__
-    async def _decode(self, batch: list[Pending]):
-        """Rows of concurrent requests decoded together. Yields, per step, one item per row: (text piece,
-        finish reason or None, tokens so far), or StopIteration once the row has ended. Rows tokenized by
-        another generator than the first row's (a checkpoint moved while they waited) decode after them."""
-        b = self.batches
-        b["batches"], b["rows"], b["largest"] = b["batches"] + 1, b["rows"] + len(batch), max(b["largest"], len(batch))
-        ended = [False] * len(batch)
-        made = [0] * len(batch)
-        groups: dict[int, list[int]] = {}
-        for i, p in enumerate(batch):
-            groups.setdefault(id(p.gen), []).append(i)
-        for members in groups.values():
-            gen = batch[members[0]].gen
-            steps = decode_rows(gen.model, gen.tokenizer, [batch[i].row for i in members], precision=gen.precision,
-                                cancelled=lambda j: batch[members[j]].cancelled)
-            while (step := await asyncio.to_thread(next, steps, None)) is not None:
-                out: list = [StopIteration if e else ("", None, m) for e, m in zip(ended, made)]
-                for j, piece, finish in step:
-                    i = members[j]
-                    made[i] += batch[i].row.max_new_tokens > 0
-                    out[i] = (piece, finish, made[i])
-                    ended[i] = finish is not None or batch[i].cancelled
-                yield out
 
 
 def model_name(path: Path) -> str:
@@ -264,6 +228,14 @@ def build(args: dict) -> serve.Application:
     import ray
 
     gpus = ray.cluster_resources().get("GPU", 0)
+    use_gpu = gpus >= s.replicas
+    if not (use_gpu and s.quantize == "bf16"):  # the replicas' device decides (a GPU without bf16: the replica)
+        from raygpt.quantize import check_quantize
+
+        try:
+            check_quantize(s.quantize, "cuda" if use_gpu else "cpu")
+        except ValueError as e:
+            raise ConfigError(f"serve.{e}") from None
     cpus = s.cpus_per_replica
     if cpus is None:  # the cluster's CPUs shared out over the replicas, no more than a node has
         nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
@@ -272,6 +244,6 @@ def build(args: dict) -> serve.Application:
     return Completions.options(
         num_replicas=s.replicas, max_ongoing_requests=s.max_ongoing_requests,
         max_queued_requests=s.max_queued_requests,
-        ray_actor_options={"num_cpus": cpus, "num_gpus": 1 if gpus >= s.replicas else 0},
+        ray_actor_options={"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0},
         user_config={"checkpoint": str(path)},
     ).bind(settings, name, key_hash(key))

@@ -26,8 +26,13 @@ def run_server(source: str, cfg: Config, api_key: Optional[str] = None, print_fn
     if not path.exists():
         raise CheckpointError(f"checkpoint path {path} does not exist")
     local = not os.environ.get("RAY_ADDRESS")
-    if local:
+    if local:  # this machine's replicas: what they can run is known now
+        import torch
+
+        from raygpt.quantize import check_quantize
+
         check_port_free(s.host, s.port)
+        check_quantize(s.quantize, "cuda" if torch.cuda.is_available() else "cpu")
     from raygpt.checkpoint import read_meta
     from raygpt.serve.app import build, choose_checkpoint
 

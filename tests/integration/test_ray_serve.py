@@ -7,6 +7,8 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -279,16 +281,20 @@ def test_web_page_streams_the_same_text_as_raygpt_generate(server, browser, refe
     assert (tmp_path / "page.png").stat().st_size > 10_000
 
 
-def test_web_page_stop_button_and_errors(server, browser):
+def test_web_page_stop_button_and_errors(server, browser, reference):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser.get(server.url + "/")
     wait = WebDriverWait(browser, 60, poll_frequency=0.05)
     wait.until(lambda b: b.find_element(By.ID, "model-step").text != "\u2026")
-    box = browser.find_element(By.ID, "max_tokens")
-    box.clear()
-    box.send_keys("500")
+    # a seed whose text runs the whole 500 tokens (a tiny model may end a text at once)
+    seed = next(s for s in range(200) if len(reference.generate("", max_new_tokens=500, temperature=0.8,
+                                                                 seed=s)) >= 490)
+    for name, value in (("max_tokens", "500"), ("seed", str(seed))):
+        box = browser.find_element(By.ID, name)
+        box.clear()
+        box.send_keys(value)
     browser.find_element(By.ID, "generate").click()
     wait.until(lambda b: len(b.find_element(By.ID, "completion").text) > 5)
     browser.find_element(By.ID, "stop").click()
@@ -306,17 +312,43 @@ def test_web_page_stop_button_and_errors(server, browser):
     assert "must not be negative" in browser.find_element(By.ID, "status").text
 
 
+def test_int8_server(trained, reference):
+    """--quantize int8: dynamic int8 Linear layers in the replica (raygpt/quantize.py), said by /v1/models;
+    greedy text close to fp32's (the drift and agreement are measured in bench/quantize.py)."""
+    with ServeProcess(trained, "--quantize", "int8", "serve.cpus_per_replica=1") as s:
+        s.wait_ready()
+        card = request(s.url + "/v1/models")[1]["data"][0]
+        assert card["quantize"] == "int8" and card["parameters"] == reference.params
+        status, body, _ = request(s.url + "/v1/completions", {"prompt": "def f", "max_tokens": 30, "temperature": 0})
+        assert status == 200, body
+        want = reference.generate("def f", max_new_tokens=30, temperature=0)
+        assert body["choices"][0]["text"][:10] == want[:10]
+
+
+def test_quantize_the_device_cannot_run_is_one_line_before_ray(trained):
+    out = subprocess.run([sys.executable, "-m", "raygpt.cli", "serve", str(trained), "--quantize", "fp16"],
+                         capture_output=True, text=True, timeout=120, env={**os.environ, "RAY_ADDRESS": ""})
+    assert out.returncode == 2 and out.stderr.strip().splitlines() == [
+        "raygpt serve: error: quantize=fp16 needs a GPU; on CPU use quantize=int8 or bf16"], out.stderr
+
+
 def test_overload_is_503_at_once_and_accepted_requests_complete(server, reference):
     """A burst beyond what the replicas hold (2 x 8) and the queue (16): the rest are refused with 503 at once,
     nothing else fails, and every accepted request gets its whole answer."""
-    body = {"prompt": "def f", "max_tokens": 60, "temperature": 0}
-    want = reference.generate("def f", max_new_tokens=60, temperature=0)
+    body = {"prompt": "def f", "max_tokens": 55, "temperature": 0}  # within the context of 64
+    want = reference.generate("def f", max_new_tokens=55, temperature=0)
     with ThreadPoolExecutor(96) as pool:
         answers = list(pool.map(lambda _: request(server.url + "/v1/completions", body, AUTH), range(96)))
     statuses = [s for s, _, _ in answers]
     assert set(statuses) <= {200, 503}, statuses
     assert statuses.count(503) > 0 and statuses.count(200) >= 16, statuses
-    assert all(b["choices"][0]["text"] == want for s, b, _ in answers if s == 200)
+    # whole answers: 55 tokens or an end of text, each the reference's (up to float rounding between batch
+    # shapes, which can flip a near-tie late in a text: the first 40 characters are compared)
+    for s, b, _ in answers:
+        if s == 200:
+            choice = b["choices"][0]
+            assert b["usage"]["completion_tokens"] == 55 or choice["finish_reason"] == "stop", b
+            assert choice["text"][:40] == want[:40], (want, choice["text"])
 
 
 def test_follow_moves_to_a_better_checkpoint_without_dropping_requests(server, trained, reference):
@@ -358,22 +390,34 @@ def test_follow_moves_to_a_better_checkpoint_without_dropping_requests(server, t
 
 
 def test_killed_replica_is_restarted(server, reference):
-    """SIGKILL one of the 2 replicas while requests run: only requests on it may fail (502/503/500 from the
-    proxy); Serve starts a new replica, and requests sent afterwards all succeed."""
+    """SIGKILL one of the 2 replicas while 8 requests run: only requests on it may fail (a 5xx from the proxy),
+    every request the other replica took succeeds; Serve starts a new replica, and later requests all succeed."""
+    def replica_stats(pid=None):  # /healthz of the replica with that pid (any replica: None)
+        for _ in range(50):
+            status, body, _ = request(server.url + "/healthz")
+            if status == 200 and pid in (None, body["pid"]):
+                return body
+        raise AssertionError(f"no answer from replica {pid}")
+
     pids = set()
     deadline = time.monotonic() + 30
     while len(pids) < 2 and time.monotonic() < deadline:
-        pids.add(request(server.url + "/healthz")[1]["pid"])
+        pids.add(replica_stats()["pid"])
     assert len(pids) == 2, pids
-    victim = sorted(pids)[0]
-    body = {"prompt": "def f", "max_tokens": 80, "temperature": 0}
+    victim, survivor = sorted(pids)
+    rows_before = replica_stats(survivor)["batches"]["rows"]
+    body = {"prompt": "def f", "max_tokens": 55, "temperature": 0}  # within the context of 64
     with ThreadPoolExecutor(8) as pool:
         running = [pool.submit(request, server.url + "/v1/completions", body, AUTH) for _ in range(8)]
         time.sleep(1.0)
         os.kill(victim, signal.SIGKILL)
-        statuses = [f.result()[0] for f in running]
-    assert statuses.count(200) >= 1 and set(statuses) <= {200, 500, 502, 503}, statuses
-    assert len([s for s in statuses if s != 200]) <= 8  # at most the requests on the killed replica (its share)
+        answers = [f.result() for f in running]
+    statuses = [s for s, _, _ in answers]
+    assert set(statuses) <= {200, 500, 502, 503}, statuses
+    took = replica_stats(survivor)["batches"]["rows"] - rows_before  # requests the survivor decoded
+    answered = [b["system_fingerprint"] for s, b, _ in answers if s == 200]
+    assert answered.count(f"raygpt-{survivor}") == took > 0, (answered, took)  # none of its requests failed
+    # so what failed (8 - len(answered)) was on the killed replica: at most the 8 - took requests it held
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         alive = {request(server.url + "/healthz")[1].get("pid") for _ in range(6)} - {None}
@@ -381,7 +425,7 @@ def test_killed_replica_is_restarted(server, reference):
             break
         time.sleep(1)
     assert len(alive) == 2 and victim not in alive, alive
-    want = reference.generate("def f", max_new_tokens=80, temperature=0)
+    want = reference.generate("def f", max_new_tokens=55, temperature=0)
     with ThreadPoolExecutor(4) as pool:
         later = list(pool.map(lambda _: request(server.url + "/v1/completions", body, AUTH), range(8)))
-    assert [s for s, _, _ in later] == [200] * 8 and all(b["choices"][0]["text"] == want for _, b, _ in later)
+    assert [s for s, _, _ in later] == [200] * 8 and all(b["choices"][0]["text"][:40] == want[:40] for _, b, _ in later)

@@ -149,3 +149,74 @@ def test_follow_serves_the_best_checkpoint_below_a_folder(gen, tmp_path):
     (tmp_path / "exp" / "trial_1" / "checkpoint_000001" / "model.safetensors").write_bytes(b"cut")
     assert best_checkpoint(tmp_path / "exp") == tmp_path / "exp" / "trial_0" / "step_000020"
     assert best_checkpoint(tmp_path / "nothing") is None
+
+
+def test_rows_that_arrive_while_a_batch_runs_join_it_and_each_text_is_its_own(gen):
+    """The server's continuous batching (raygpt/serve/batcher.py), without Ray: rows arriving at different
+    times join the running batch (at the next step) and each text is the one its row gets alone; a row whose
+    client goes away leaves."""
+    import asyncio
+
+    from raygpt.serve.batcher import Batcher, Pending
+
+    cases = [("def f1(x):", 20, 0.0, 1), ("re", 12, 0.9, 2), ("x", 16, 1.2, 3), ("def", 9, 0.7, 4),
+             ("    ", 14, 0.0, 5)]
+
+    def row(prompt, n, temperature, seed):
+        return Row(gen.prompt_ids(prompt), n, temperature, None, None, gen.generator(seed))
+
+    async def main():
+        batcher = Batcher(max_batch_size=3, wait_s=0.0)
+
+        async def ask(delay, case):
+            await asyncio.sleep(delay)
+            pieces = [piece async for piece, _, _ in batcher.decode(Pending(row(*case), gen))]
+            return "".join(pieces)
+
+        texts = await asyncio.gather(*(ask(0.004 * i, case) for i, case in enumerate(cases)))
+        # a client that goes away after 3 pieces
+        stream = batcher.decode(gone := Pending(row("def", 30, 0.0, 0), gen))
+        for _ in range(3):
+            await stream.__anext__()
+        await stream.aclose()
+        return texts, batcher.stats, gone
+
+    texts, stats, gone = asyncio.run(main())
+    assert texts == [gen.generate(p, max_new_tokens=n, temperature=t, seed=s) for p, n, t, s in cases]
+    assert stats["largest"] == 3 and stats["joined"] >= 2 and stats["rows"] == 6, stats  # rows joined running batches
+    assert gone.cancelled and gone.row.made < 30
+
+
+def test_rows_joining_a_running_batch_decode_as_alone_also_when_longer(gen):
+    """generate_batch's incoming, through decode_rows: a row with a longer prompt than the running rows have
+    filled (their cache slots move right) and a shorter one join at given steps; each text is its own alone.
+    Past block_size (the window slides for the batch) rows still join and every row ends once."""
+    def row(prompt, n, temperature=0.0, seed=0):
+        return Row(gen.prompt_ids(prompt), n, temperature, None, None, gen.generator(seed))
+
+    def run(first, incoming_at):
+        rows, texts, ends = list(first), {}, {}
+        step_no = [0]
+
+        def incoming():
+            step_no[0] += 1
+            new = incoming_at.get(step_no[0], [])
+            rows.extend(new)
+            return new
+
+        for step in decode_rows(gen.model, gen.tokenizer, first, incoming=incoming):
+            for i, piece, finish in step:
+                texts[i] = texts.get(i, "") + piece
+                assert i not in ends
+                if finish:
+                    ends[i] = finish
+        return [texts.get(i, "") for i in range(len(rows))], ends, len(rows)
+
+    cases = [("x", 20, 0.0, 0), ("def f1(x):\n    ret", 10, 0.9, 1), ("re", 8, 1.1, 2), ("de", 0, 0.0, 3)]
+    texts, ends, _ = run([row(*cases[0])], {2: [row(*cases[1])], 5: [row(*cases[2]), row(*cases[3])]})
+    assert texts == [gen.generate(p, max_new_tokens=n, temperature=t, seed=s) for p, n, t, s in cases]
+    assert set(ends) == {0, 1, 2, 3} and ends[3] == "length"
+    # past block_size (32; the first prompt fills it): the batch slides, rows join while it does, each ends once
+    long = [("def f1(x):\n    return x" * 2, 40, 0.0, 4)]
+    texts, ends, n = run([row(*long[0])], {k: [row("def" * k, 30, 0.8, k)] for k in (1, 2, 3, 4)})
+    assert n == 5 and len(ends) == n and all(len(t) <= 40 for t in texts)
