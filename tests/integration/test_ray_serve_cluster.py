@@ -41,7 +41,8 @@ def test_serve_deploy_of_the_builder_and_a_user_config_move(ray_cluster, checkpo
     port = free_ports(1)[0]
     url = f"http://127.0.0.1:{port}/lm"
     app = {"name": "raygpt", "route_prefix": "/lm", "import_path": "raygpt.serve:app",
-           "args": {"checkpoint": str(first), "cpus_per_replica": 1, "max_batch_size": 4}}
+           # strings, as `serve run raygpt.serve:app checkpoint=... max_batch_size=4` passes them
+           "args": {"checkpoint": str(first), "cpus_per_replica": "1", "max_batch_size": "4", "follow": "false"}}
     config = {"http_options": {"host": "127.0.0.1", "port": port}, "applications": [app]}
     deploy = [SERVE, "deploy", str(tmp_path / "serve.yaml"), "-a", ray_cluster["dashboard"]]
     (tmp_path / "serve.yaml").write_text(json.dumps(config))  # JSON is YAML
