@@ -273,11 +273,16 @@ def connect(print_fn=None) -> None:
 def resolve_cpus(cfg: Config) -> Config:
     """ray.cpus_per_worker=None: share the cluster's CPUs out over the workers (no more than a node has)."""
     if cfg.ray.cpus_per_worker is None:
-        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        workers = max(1, cfg.ray.num_workers)
-        share = int(ray.cluster_resources().get("CPU", 1) // workers)
-        cfg.ray = dataclasses.replace(cfg.ray, cpus_per_worker=float(max(1, min(share, int(max(nodes or [1]))))))
+        cfg.ray = dataclasses.replace(cfg.ray, cpus_per_worker=cpu_share(max(1, cfg.ray.num_workers)))
     return cfg
+
+
+def cpu_share(count: int) -> float:
+    """The cluster's CPUs shared out over ``count`` actors (Train workers, Serve replicas): at least 1, no
+    more than a node has."""
+    nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
+    share = int(ray.cluster_resources().get("CPU", 1) // count)
+    return float(max(1, min(share, int(max(nodes or [1])))))
 
 
 def wants_gpu(cfg: Config) -> bool:

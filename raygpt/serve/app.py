@@ -236,10 +236,9 @@ def build(args: dict) -> serve.Application:
             check_quantize(s.quantize, "cuda" if use_gpu else "cpu")
         except ValueError as e:
             raise ConfigError(f"serve.{e}") from None
-    cpus = s.cpus_per_replica
-    if cpus is None:  # the cluster's CPUs shared out over the replicas, no more than a node has
-        nodes = [n["Resources"].get("CPU", 0) for n in ray.nodes() if n.get("Alive")]
-        cpus = float(max(1, min(int(ray.cluster_resources().get("CPU", 1) // s.replicas), int(max(nodes or [1])))))
+    from raygpt.distributed import cpu_share
+
+    cpus = s.cpus_per_replica if s.cpus_per_replica is not None else cpu_share(s.replicas)
     settings = {**s.__dict__, "cpus_per_replica": cpus}
     return Completions.options(
         num_replicas=s.replicas, max_ongoing_requests=s.max_ongoing_requests,
