@@ -223,10 +223,19 @@ def _off_console(record: logging.LogRecord) -> bool:
     """Ray Data prints, on a console handler of its own (past ray.init's log level), a line per finished
     dataset and write, and that progress bars are off (raygpt turns them off); the start-up line and the
     prepare: lines say what matters. Its console handler skips records marked ``hide``; Ray Data's log files
-    in the session directory still get them."""
-    if record.levelno < logging.WARNING or record.name == "ray.data._internal.progress":
+    in the session directory still get them.
+
+    Also hidden: Ray Data's "no available CPUs" warning. It reads the cluster's free CPUs once, as a dataset
+    starts, and right after the previous dataset of a prepare finished they can still read as 0 (the
+    resource view lags its tasks' release): a false alarm that CI caught in a run's output. raygpt's own
+    streams run in zero-CPU tasks, so they never wait for a CPU."""
+    if (record.levelno < logging.WARNING or record.name == "ray.data._internal.progress"
+            or str(record.msg).startswith(NO_CPU_WARNING)):
         record.hide = True
     return True
+
+
+NO_CPU_WARNING = "Warning: The Ray cluster currently does not have any available CPUs"
 
 
 for _name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset", "ray.data._internal.progress"):
@@ -260,6 +269,7 @@ def connect(print_fn=None) -> None:
         env["RAY_ADDRESS"] = address
     info = ray.init(address=address, runtime_env={"env_vars": env},
                     logging_config=ray.LoggingConfig(log_level="WARNING"), **options)
+    _drop_worker_exit_noise()
     # Ray has no public call for the session folder; without it the Grafana dashboard is simply not added.
     node = getattr(ray._private.worker.global_worker, "node", None)
     if node is not None:
@@ -268,6 +278,50 @@ def connect(print_fn=None) -> None:
         where = "started a local Ray cluster for this run" if address == "local" else f"joined the Ray cluster at {address}"
         dashboard = f"http://{info.dashboard_url}" if info.dashboard_url else "none (started without one)"
         print_fn(f"ray: {where}; dashboard {dashboard} (Jobs, Train runs, Actors, Metrics)")
+
+
+def _drop_worker_exit_noise() -> None:
+    """A Ray worker that gets the raylet's SIGTERM while its interpreter is already exiting (a trial's or a
+    worker group's actor at its end) prints "Exception ignored in ... sigterm_handler ... SystemExit: 1", and
+    Ray forwards it to the driver's stderr: noise after a run that went well (CI caught it at the end of a
+    tune run). The driver's printer of forwarded worker output drops those tracebacks and nothing else. Ray
+    has no public hook for it; without the private one the noise simply stays."""
+    try:
+        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
+        handlers = dispatcher.handlers
+    except (ImportError, AttributeError):
+        return
+
+    def quiet(handler):
+        def handle(data):
+            if data.get("is_err") and any("sigterm_handler" in line for line in data.get("lines", ())):
+                data = dict(data, lines=without_sigterm_tracebacks(data["lines"]))
+                if not data["lines"]:
+                    return
+            handler(data)
+        handle.raygpt_quiet = True
+        return handle
+
+    with dispatcher._lock:
+        dispatcher.handlers = [(name, h if getattr(h, "raygpt_quiet", False) else quiet(h)) for name, h in handlers]
+
+
+def without_sigterm_tracebacks(lines: list[str]) -> list[str]:
+    """``lines`` less every traceback block ("Exception ignored in" / "Traceback ..." to its "SystemExit"
+    line) that passes through Ray's SIGTERM handler."""
+    out, block = [], None
+    for line in lines:
+        if block is None and (line.startswith("Exception ignored in") or line.startswith("Traceback (most recent call last)")):
+            block = [line]
+        elif block is not None:
+            block.append(line)
+            if line.startswith("SystemExit"):
+                if not any("sigterm_handler" in b for b in block):
+                    out += block
+                block = None
+        else:
+            out.append(line)
+    return out + (block or [])
 
 
 def resolve_cpus(cfg: Config) -> Config:
