@@ -36,7 +36,8 @@ def ingest_only(config: dict) -> None:
     ctx = ray.train.get_context()
     world = ctx.get_world_size()
     n = cfg.train.max_steps * grad_accum_steps(cfg.train, world)
-    batches = train_batches(cfg, config["train_unit_tokens"], 0, {})
+    batches = train_batches(cfg, config["train_unit_tokens"], 0, {}, ray.train.get_dataset_shard("train"),
+                            ctx.get_world_rank(), world, ray.train.torch.get_device())
     next(batches)  # the first batch pays the dataset's start-up: not throughput
     t0 = time.perf_counter()
     for _ in range(n - 1):

@@ -323,6 +323,20 @@ def best_checkpoint(directory: str | Path, depth: int = 4) -> Optional[Path]:
     return min(found)[-1] if found else None
 
 
+def keep_best_checkpoints(directory: Path, keep: int) -> None:
+    """Ray Train's rule (CheckpointConfig num_to_keep, scored by val_loss, lower is better) for checkpoints a
+    process writes itself (Ray Train's local mode): keep the ``keep`` best and the newest, delete the rest.
+    Only complete checkpoints count; equal losses keep the newer."""
+    found = [(child, meta) for child, meta, problem in _checkpoints(directory) if problem is None]
+    if len(found) <= keep:
+        return
+    newest = max(found, key=lambda cm: cm[1]["step"])[0]
+    loss = lambda cm: (cm[1].get("val_loss") is None, cm[1].get("val_loss") or 0.0, -cm[1]["step"])  # noqa: E731
+    for child, _ in sorted(found, key=loss)[keep:]:
+        if child != newest:
+            shutil.rmtree(child, ignore_errors=True)
+
+
 def incomplete_checkpoints(directory: str | Path) -> list[tuple[Path, str]]:
     """The checkpoints below ``directory`` that latest_checkpoint skips for a missing or cut file, and which."""
     return [(child, problem) for child, _, problem in _checkpoints(directory) if problem is not None]

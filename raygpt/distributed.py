@@ -21,7 +21,7 @@ import torch
 from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from raygpt.checkpoint import latest_checkpoint, read_meta, save_checkpoint
+from raygpt.checkpoint import keep_best_checkpoints, latest_checkpoint, read_meta, save_checkpoint
 from raygpt.cluster import free_ports
 from raygpt.config import Config, ConfigError, config_from_dict
 from raygpt.data.ingest import UnitShards, plan_of, train_batches, train_stream, val_batches, val_stream
@@ -101,8 +101,54 @@ def mesh_text(cfg: Config, world: int) -> str:
             f"HSDP: {world // size} cop{'y' if world == size else 'ies'}, each sharded over {size} worker(s)")
 
 
-def train_func(config: dict) -> None:
-    """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train."""
+class TrainSession:
+    """What the train function takes from Ray Train: its rank and the world size, its device, the checkpoint
+    Ray restarts it from, its dataset shards, and where its reports go (ray.train.report)."""
+
+    def __init__(self):
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.device = ray.train.torch.get_device()
+
+    def checkpoint(self):
+        return ray.train.get_checkpoint()
+
+    def shard(self, name: str):
+        return ray.train.get_dataset_shard(name)
+
+    def report(self, metrics: dict, **checkpoint) -> None:
+        ray.train.report(metrics, **checkpoint)
+
+
+class TrialSession(TrainSession):
+    """A one-worker Tune trial trains in the trial's own process, without a worker group: what Ray Train's
+    local mode does, which Ray 2.60 refuses inside a Tune trial (ray.train's calls raise there). Rank 0 of 1,
+    the device Ray gave the trial, the datasets as built (a one-worker run's stream), no checkpoint from Ray
+    (the train function resumes from the run's own folder), and the reports with a val loss go to Tune
+    (the ones its searcher and scheduler judge; the others, every log interval, would only fill its results)."""
+
+    def __init__(self, datasets: dict, use_gpu: bool):
+        self.rank, self.world, self.datasets = 0, 1, datasets
+        self.device = torch.device("cuda", 0) if use_gpu else torch.device("cpu")  # Ray set the trial's GPU visible
+
+    def checkpoint(self):
+        return None
+
+    def shard(self, name: str):
+        return self.datasets[name]
+
+    def report(self, metrics: dict, checkpoint: Checkpoint | None = None, **_) -> None:
+        if "val_loss" in metrics:
+            import ray.tune
+
+            # Where the checkpoint is, under the key Tune's TuneReportCallback uses for a TorchTrainer's.
+            ray.tune.report({**metrics, "checkpoint_path": checkpoint.path} if checkpoint else metrics)
+
+
+def train_func(config: dict, session: TrainSession | None = None) -> None:
+    """What each Ray Train worker runs: build (or restore) the run, wrap the model for DDP, train.
+    ``session``: where rank, device, data and reports come from (Ray Train's, unless a Tune trial trains
+    in its own process)."""
     clock = dict(config.get("clock") or {}, worker=time.time())  # bench loops may pass none
     # Ray Train logs every report at INFO on each worker ("Reporting training result N: ..."), from a
     # logger named by its file path, which RunConfig's log level misses; rank 0's progress line says it once.
@@ -111,15 +157,14 @@ def train_func(config: dict) -> None:
         logging.getLogger(context_module.__file__).setLevel(logging.WARNING)
     cfg = config_from_dict(config["cfg"])
     tokenizer = prepared_tokenizer(config["prepared"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    session = session or TrainSession()
+    rank, world, device = session.rank, session.world, session.device
     torch.set_num_threads(cfg.ray.threads_per_worker or max(1, int(cfg.ray.cpus_per_worker)))
-    device = ray.train.torch.get_device()
     if cfg.ray.strategy == "fsdp" and resolve_precision(cfg.train.precision, device) == "fp16":
         # fp16 needs a sharded GradScaler, which raygpt does not use: on GPUs without bf16 (precision=auto
         # picks fp16 there) a sharded run computes in fp32 (the "train:" line says which).
         cfg.train = dataclasses.replace(cfg.train, precision="fp32")
-    checkpoint = ray.train.get_checkpoint()
+    checkpoint = session.checkpoint()
     # Ray's latest checkpoint is the last one whose report reached its controller from every worker; when a
     # worker dies, rank 0 may already have written newer ones (reports are collected by polling). Resume
     # from the newest valid one: no finished step is lost, and the run continues exactly.
@@ -133,10 +178,11 @@ def train_func(config: dict) -> None:
     # Ray Train set up (its own prepare_model(parallel_strategy="fsdp") is FSDP1 and refuses CPU workers).
     model = ray.train.torch.prepare_model(t.model) if world > 1 and not fsdp else t.model
     position = dict(t.data_state)  # updated by the iterator as epochs go by
-    batches = train_batches(cfg, config["train_unit_tokens"], t.state.tokens_seen, position)
+    batches = train_batches(cfg, config["train_unit_tokens"], t.state.tokens_seen, position, session.shard("train"),
+                            rank, world, device)
     if cfg.ray.fail_at_step is not None:
         batches = _with_fault(cfg, config["run_path"], rank, batches, t.state)
-    val = val_batches(cfg, config["val_tokens"])
+    val = val_batches(cfg, config["val_tokens"], session.shard("val"), device)
     # What rank 0 prints: its progress and samples, unless the run is a Tune trial (the driver prints one
     # line per trial there, and lines from trials running side by side would interleave).
     say = (lambda s: None) if config.get("quiet") else (lambda s: print(s, flush=True))
@@ -153,6 +199,7 @@ def train_func(config: dict) -> None:
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
     gauges = RayMetrics(cfg.train.run_name, rank)  # Prometheus/Grafana, through Ray's metrics export
+    local = cfg.ray.num_workers == 0  # no worker group: this process writes its checkpoints itself
 
     def report(metrics: dict, state, checkpoint: bool) -> None:
         # Every worker calls ray.train.report the same number of times (it is a barrier) and sets its own
@@ -174,7 +221,16 @@ def train_func(config: dict) -> None:
         # Under DDP rank 0 writes the checkpoint; under FSDP every rank writes its shard (a collective), each
         # in a directory of its own, and Ray Train merges the ranks' directories into one in storage.
         if not checkpoint or (rank != 0 and not fsdp):
-            ray.train.report(metrics)
+            session.report(metrics)
+            return
+        if local:
+            # Ray Train's local mode keeps a reported checkpoint in memory only: this process writes it into
+            # the run's folder itself, under Ray Train's name and keeping rule, and reports that copy.
+            path = save_checkpoint(Path(config["run_path"]) / f"step_{state.step:06d}", model, cfg, tokenizer,
+                                   optimizer=t.optimizer, scaler=t.scaler, train_state=state, rng=rng,
+                                   data_state=dict(position), metrics=metrics)
+            keep_best_checkpoints(Path(config["run_path"]), cfg.train.keep_checkpoints)
+            session.report(metrics, checkpoint=Checkpoint.from_directory(str(path)))
             return
         with tempfile.TemporaryDirectory() as tmp:
             path = save_checkpoint(Path(tmp) / "ckpt", model, cfg, tokenizer, optimizer=t.optimizer,
@@ -182,8 +238,8 @@ def train_func(config: dict) -> None:
                                    data_state=dict(position), metrics=metrics)
             if cfg.ray.fail_at_step is not None and _fault_due(cfg, config["run_path"], 0, state.step, "checkpoint"):
                 _die_mid_upload(path, Path(config["run_path"]) / f"step_{state.step:06d}")
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
-                             checkpoint_dir_name=f"step_{state.step:06d}")
+            session.report(metrics, checkpoint=Checkpoint.from_directory(str(path)),
+                           checkpoint_dir_name=f"step_{state.step:06d}")
 
     try:
         train_loop(cfg, model, t.optimizer, t.scaler, batches, lambda: val, report, t.state, device=device,
@@ -367,14 +423,15 @@ def failure_config(restarts: int) -> FailureConfig:
 
 
 def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: bool = False,
-          since: float | None = None):
+          since: float | None = None, tune: bool = False):
     """Prepare (or reuse) the shards, then train with a TorchTrainer; returns the ray.train.Result.
 
     A run name that already has checkpoints in storage resumes from the latest one (Ray finds it).
     ``loop`` is the per-worker function (bench/ingest_speed.py passes one that only reads batches);
     ``callbacks`` are Ray Train callbacks (a Tune trial passes TuneReportCallback); ``quiet`` keeps rank 0
     from printing progress lines and samples; ``since``: when the command started (time.time()), for the
-    start-up line's "imports" (the CLI passes when raygpt was first imported)."""
+    start-up line's "imports" (the CLI passes when raygpt was first imported); ``tune``: the run is a Tune
+    trial (with ray.num_workers=0 it trains in the trial's process, see TrialSession, and returns None)."""
     # Wall-clock marks for the start-up line rank 0 prints at step 1.
     start = time.time()
     clock = {"process": start if since is None else since, "start": start}
@@ -398,6 +455,9 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
                           f"later); this torch is {torch.__version__}: upgrade torch or use ray.strategy=ddp")
     name_run(cfg)
     storage = cfg.ray.storage_path or str(Path(cfg.train.out_dir).resolve())
+    if cfg.ray.num_workers == 0 and "://" in storage:
+        raise ConfigError(f"ray.num_workers=0 (local mode) writes its checkpoints itself, to a local folder, not to "
+                          f"ray.storage_path={storage}; use ray.num_workers=1 or a local path")
     # Everything a worker would trip on is checked here, before any worker starts.
     resumes = resume_points(cfg, tokenizer, Path(storage) / cfg.train.run_name) if "://" not in storage else []
     train_units, val_units = split_units(prepared, "train"), split_units(prepared, "val")
@@ -432,13 +492,13 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     datasets = {"train": train_stream(cfg, train_units, 0, 1, start_tokens, epochs=None if local else 1),
                 "val": val_stream(val_units)}
     clock["fit"] = time.time()
-    trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets,
-                           train_loop_config={"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()),
-                                              "train_unit_tokens": train_units.tokens, "val_tokens": val_tokens,
-                                              # the run's folder when storage is local (None for a URI)
-                                              "run_path": None if "://" in storage else
-                                              str(Path(storage) / cfg.train.run_name), "clock": clock,
-                                              "quiet": quiet},
+    config = {"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()), "train_unit_tokens": train_units.tokens,
+              "val_tokens": val_tokens, "clock": clock, "quiet": quiet,
+              # the run's folder when storage is local (None for a URI)
+              "run_path": None if "://" in storage else str(Path(storage) / cfg.train.run_name)}
+    if local and tune:
+        return loop(config, session=TrialSession(datasets, use_gpu))  # see TrialSession
+    trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets, train_loop_config=config,
                            dataset_config=UnitShards(cfg, train_units, start_tokens))
     try:
         return trainer.fit()

@@ -37,9 +37,11 @@ class LocalResult:
 
 
 def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.ndarray]] = None,
-                print_fn: Callable[[str], None] = print) -> LocalResult:
+                print_fn: Callable[[str], None] = print,
+                on_report: Optional[Callable[[dict], None]] = None) -> LocalResult:
     """Train cfg in this process; resume when the named run has checkpoints. ``arrays`` (tokenizer, train
-    ids, val ids) skips reading the corpus, for tests and benchmarks."""
+    ids, val ids) skips reading the corpus, for tests and benchmarks. ``on_report(metrics)`` sees every
+    report after it is logged (an exception it raises ends the run there: a pruned trial of a search)."""
     check_writable(cfg.train.out_dir, "train.out_dir")  # before any work: the run folder goes there
     cfg = apply_init_from(cfg, print_fn)  # the pretrained model's shape and tokenizer, before the data
     if cfg.train.threads:
@@ -97,6 +99,8 @@ def train_local(cfg: Config, arrays: Optional[tuple[Tokenizer, np.ndarray, np.nd
                 report_sample(t.model, tokenizer, cfg, t.precision, state.step, print_fn, tracker)
             if checkpoint:
                 last_ckpt = save_run_checkpoint(path, cfg, tokenizer, t, metrics, train_batches.state_dict())
+            if on_report is not None:
+                on_report(metrics)
 
         try:
             train_loop(cfg, t.model, t.optimizer, t.scaler, train_batches, lambda: val, report, t.state,

@@ -1,8 +1,9 @@
 """`raygpt tune` / `python jobs/tune.py`: Ray Tune searches the space of a tune config, Optuna (TPE, seeded)
 proposes, ASHA stops weak trials early on val loss.
 
-Each trial is a Tune function that builds a TorchTrainer through raygpt.distributed.train, exactly the path
-`jobs/train.py` takes, with Tune's TuneReportCallback passing its eval reports on to Tune. Trials share the
+Each trial is a Tune function that runs raygpt.distributed.train, exactly the path `jobs/train.py` takes: a
+one-worker trial trains in the trial's own process and reports its evals to Tune itself (TrialSession); a
+trial of several workers builds a TorchTrainer, with Tune's TuneReportCallback passing its eval reports on. Trials share the
 prepared shards (prepared once, before the first trial). Results land in train.out_dir/tune/EXPERIMENT:
 trials.csv, best.yaml (a training config `jobs/train.py` accepts as is), curves.png, and the trials' runs
 and checkpoints under runs/.
@@ -14,6 +15,7 @@ import copy
 import dataclasses
 import datetime
 import os
+import time
 from pathlib import Path
 
 # Trials keep the driver's working directory (the run paths below are absolute anyway).
@@ -61,17 +63,32 @@ class EvalReportCallback(TuneReportCallback):
 
 
 class TrialLine(ray.tune.Callback):
-    """One line per finished trial, in place of Tune's status tables."""
+    """One line per finished trial, in place of Tune's status tables: how it ended, its params, and where
+    its time went (start-up: from Tune starting the trial to its first training step; training: its loop)."""
 
     def __init__(self, samples: int, max_steps: int, print_fn):
         self.samples, self.max_steps, self.print_fn, self.done = samples, max_steps, print_fn, 0
+        self.started, self.startup = {}, {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.started[trial.trial_id] = time.time()
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        # The loop's clock (elapsed_s) runs from its first step: the time before it is the trial's start-up.
+        if trial.trial_id in self.started and trial.trial_id not in self.startup and "elapsed_s" in result:
+            startup = time.time() - result["elapsed_s"] - self.started[trial.trial_id]
+            if startup >= 0:  # a resumed trial's clock counts its earlier runs too: no figure then
+                self.startup[trial.trial_id] = startup
 
     def _line(self, trial, how: str) -> None:
         self.done += 1
         r = trial.last_result or {}
         params = ", ".join(f"{k}={format_value(v)}" for k, v in (trial.config or {}).items())
         loss = f"val {r[METRIC]:.4f} at step {r.get('step')}" if METRIC in r else "no val loss"
-        self.print_fn(f"tune: trial {trial.trial_id} ({self.done}/{self.samples}) {how}: {loss} | {params}")
+        times = ""
+        if trial.trial_id in self.startup:
+            times = f" | start-up {self.startup[trial.trial_id]:.1f} s, training {r.get('elapsed_s', 0):.1f} s"
+        self.print_fn(f"tune: trial {trial.trial_id} ({self.done}/{self.samples}) {how}: {loss} | {params}{times}")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         self._line(trial, ending((trial.last_result or {}).get("step", 0), self.max_steps))
@@ -145,7 +162,9 @@ def run_trial(params: dict, base: dict, settings: dict, runs_dir: str) -> None:
     cfg.train.out_dir, cfg.ray.storage_path = runs_dir, None
     cfg.train.run_name = ray.tune.get_context().get_trial_id()
     cfg.logging.wandb = False  # W&B is logged by the driver (WandbTrials), which outlives stopped trials
-    train(cfg, print_fn=lambda s: None, callbacks=[EvalReportCallback()], quiet=True)
+    # In local mode (one-worker trials) the train function runs here and reports to Tune itself.
+    callbacks = [] if cfg.ray.num_workers == 0 else [EvalReportCallback()]
+    train(cfg, print_fn=lambda s: None, callbacks=callbacks, quiet=True, tune=True)
 
 
 def _experiment(base: Config, settings: TuneSettings, resume: bool) -> tuple[str, Path]:
@@ -167,9 +186,15 @@ def _experiment(base: Config, settings: TuneSettings, resume: bool) -> tuple[str
     return settings.experiment, root / settings.experiment
 
 
-def trial_resources(base: Config) -> tuple[Config, int]:
+def trial_resources(base: Config, local_trials: bool = True) -> tuple[Config, int]:
     """The trials' config (1 CPU per worker unless ray.cpus_per_worker says otherwise), checked against the
-    cluster, and how many trials fit at once."""
+    cluster, and how many trials fit at once.
+
+    A one-worker DDP trial runs in Ray Train's local mode (ray.num_workers=0): its train function runs in
+    the trial's own process, which holds the worker's resources. A worker group (Train's controller, a
+    placement group, a worker actor) took 10-13 s to start per trial on 2 cores and bought nothing for one
+    worker. Trials of several workers (DDP or FSDP) keep their TorchTrainer, as do all with tune.local_trials
+    false (each then shows in the dashboard's Train view) or ray.fail_at_step (it fails a Train worker)."""
     base = copy.deepcopy(base)
     use_gpu = wants_gpu(base)
     if base.ray.cpus_per_worker is None:
@@ -183,7 +208,18 @@ def trial_resources(base: Config) -> tuple[Config, int]:
     fit = int(have.get("CPU", 0) // (workers * base.ray.cpus_per_worker))
     if use_gpu:
         fit = min(fit, int(have.get("GPU", 0) // workers))
+    if local_trials and base.ray.num_workers == 1 and base.ray.strategy == "ddp" and base.ray.fail_at_step is None:
+        base.ray = dataclasses.replace(base.ray, num_workers=0)
     return base, max(1, fit)
+
+
+def trial_request(trials: Config) -> dict:
+    """What a trial's own process asks Ray for: a local-mode trial trains in it (the worker's CPUs, and a GPU
+    when the trials use one); otherwise it only drives its TorchTrainer, whose workers hold the resources
+    (Tune refuses an empty request, so it asks for a token amount of memory instead)."""
+    if trials.ray.num_workers == 0:
+        return {"CPU": trials.ray.cpus_per_worker, "GPU": 1 if wants_gpu(trials) else 0}
+    return {"CPU": 0, "memory": 2**20}
 
 
 def _scheduler(grace: int, max_steps: int, reduction_factor: int):
@@ -214,19 +250,19 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
     tokenizer = prepared_tokenizer(prepared)
     base = with_vocab(base, tokenizer)
     check_sample_prompt(base, tokenizer)  # before any trial, not at a trial's first eval
-    trials, fit = trial_resources(base)
+    trials, fit = trial_resources(base, settings.local_trials)
     concurrent = min(settings.max_concurrent or fit, fit)
     grace = settings.grace_steps or base.train.eval_interval
+    where = ("each in its own process" if trials.ray.num_workers == 0 else
+             f"each a TorchTrainer of {max(1, trials.ray.num_workers)} worker(s)")
     print_fn(f"tune: experiment {name!r} in {exp_dir}, {settings.samples} trials, up to {concurrent} at once, "
-             f"{base.train.max_steps} steps each, ASHA grace {grace} steps x{settings.reduction_factor}"
+             f"{where}, {base.train.max_steps} steps each, ASHA grace {grace} steps x{settings.reduction_factor}"
              + (", resuming" if resume else ""))
     if not resume:
         print_fn(f"tune: interrupted? the same command with --resume tune.experiment={name} continues it")
     trainable = ray.tune.with_parameters(run_trial, base=trials.to_dict(), settings=dataclasses.asdict(settings),
                                          runs_dir=str(exp_dir / "runs"))
-    # The trial function only drives its TorchTrainer, whose workers hold the CPUs: it holds none. (Tune
-    # refuses an empty request, so it asks for a token amount of memory instead.)
-    trainable = ray.tune.with_resources(trainable, {"CPU": 0, "memory": 2**20})
+    trainable = ray.tune.with_resources(trainable, trial_request(trials))
     callbacks = [TrialLine(settings.samples, base.train.max_steps, print_fn)]
     if base.logging.wandb:
         callbacks.append(WandbTrials(trials, settings, name, exp_dir / "runs"))

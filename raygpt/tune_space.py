@@ -47,6 +47,9 @@ class TuneSettings:
     # Trials at once (None: as many as the cluster's CPUs/GPUs hold at the per-trial resources).
     max_concurrent: Optional[int] = None
     experiment: Optional[str] = None  # None: a fresh timestamped name; results go to train.out_dir/tune/NAME
+    # A one-worker trial trains in its trial's own process (no Ray Train worker group: faster to start, but
+    # not in the dashboard's Train view); false: a TorchTrainer of one worker, as trials of several workers.
+    local_trials: bool = True
     space: dict = field(default_factory=dict)
     model_sizes: dict = field(default_factory=dict)
 
@@ -80,6 +83,8 @@ def check_settings(base: Config, raw: dict) -> TuneSettings:
         value = getattr(s, key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ConfigError(f"tune.{key} must be an integer, got {value!r}")
+    if not isinstance(s.local_trials, bool):
+        raise ConfigError(f"tune.local_trials must be true or false, got {s.local_trials!r}")
     if s.samples < 1:
         raise ConfigError(f"tune.samples (--samples) must be at least 1, got {s.samples}")
     if s.reduction_factor < 2:

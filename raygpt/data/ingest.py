@@ -143,15 +143,13 @@ def _rows(shard, prefetch: int) -> Iterator[tuple[int, int, np.ndarray]]:
         yield from zip(batch["epoch"].tolist(), batch["unit"].tolist(), batch["tokens"])
 
 
-def train_batches(cfg: Config, unit_tokens, tokens_seen: int, position: dict) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Endless (x, y) batches of this worker's deal of the train split, starting where ``tokens_seen``
-    left off. ``position`` holds the epoch being read (saved in checkpoints, for people)."""
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+def train_batches(cfg: Config, unit_tokens, tokens_seen: int, position: dict, shard, rank: int, world: int,
+                  device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Endless (x, y) batches of this worker's deal of the train split (``shard``: its stream), starting
+    where ``tokens_seen`` left off. ``position`` holds the epoch being read (saved in checkpoints, for people)."""
     plan = plan_of(cfg, unit_tokens, world)
     epoch, skip = plan.locate(rank, batches_done(cfg, tokens_seen, world))
-    rows = _rows(ray.train.get_dataset_shard("train"), cfg.ray.prefetch_batches)
-    device = ray.train.torch.get_device()
+    rows = _rows(shard, cfg.ray.prefetch_batches)
     for epoch in itertools.count(epoch):
         position.update(epoch=epoch, world=world)
         yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip, WINDOW_SHUFFLE, device)
@@ -168,8 +166,8 @@ def _epoch_units(rows: Iterator[tuple[int, int, np.ndarray]], epoch: int) -> Ite
             yield unit, tokens
 
 
-def val_batches(cfg: Config, total_tokens: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The fixed val batches (raygpt.data.windows.fixed_batches), read once from the val split."""
-    rows = _rows(ray.train.get_dataset_shard("val"), 2)
+def val_batches(cfg: Config, total_tokens: int, shard, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The fixed val batches (raygpt.data.windows.fixed_batches), read once from the val split's ``shard``."""
+    rows = _rows(shard, 2)
     return fixed_batches((tokens for _, _, tokens in rows), total_tokens, cfg.model.block_size,
-                         cfg.train.batch_size, cfg.train.eval_steps, cfg.train.seed + 1, ray.train.torch.get_device())
+                         cfg.train.batch_size, cfg.train.eval_steps, cfg.train.seed + 1, device)

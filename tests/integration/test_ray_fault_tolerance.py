@@ -124,3 +124,21 @@ def test_a_checkpoint_of_two_workers_resumes_in_one_worker_and_locally(reference
     assert local.metrics[-1]["step"] == 10 and resumed_from(tmp_path / "runs" / "local") == [6]
     assert any(line.startswith("resume: the checkpoint holds the random state of 2 rank(s) and this run has 1")
                for line in lines), lines
+
+
+def test_local_mode_trains_as_one_worker_does_and_resumes_exactly(reference, tmp_path):
+    """ray.num_workers=0 is Ray Train's local mode (the train function in this process, no worker actors): it
+    writes its checkpoints itself, takes the batches and random draws of a 1-worker run, and resumes from its
+    own checkpoints exactly."""
+    one = train(tiny(tmp_path, *EVERY_STEP, "train.run_name=one"), print_fn=lambda s: None)
+    result = train(tiny(tmp_path, *EVERY_STEP, "ray.num_workers=0", "train.run_name=local"), print_fn=lambda s: None)
+    run = tmp_path / "runs" / "local"
+    assert Path(result.checkpoint.path) == run / "step_000010" and result.metrics["step"] == 10
+    assert sorted(losses(run)) == list(range(1, 11))
+    assert_same_losses(run, losses(Path(one.path)), 1)
+    for step in range(6, 11):  # as if the process had died after step 5
+        shutil.rmtree(run / f"step_{step:06d}")
+    again = train(tiny(tmp_path, *EVERY_STEP, "ray.num_workers=0", "train.run_name=local"), print_fn=lambda s: None)
+    assert again.metrics["step"] == 10 and resumed_from(run) == [5]
+    assert_same_losses(run, losses(Path(one.path)), 6)
+    verify(latest_checkpoint(run))

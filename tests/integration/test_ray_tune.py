@@ -82,18 +82,34 @@ def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluste
     assert gen.model.config.n_layer == saved.model.n_layer
     assert isinstance(gen.generate("def ", max_new_tokens=5, seed=0), str)
     assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The trials were Ray actors the dashboard lists (its Actors view reads this state API), one per trial,
-    # and each trial's training run is in the dashboard's Train view under the trial's id.
+    # The trials were Ray actors the dashboard lists (its Actors view reads this state API), one per trial.
+    # Each trained in that actor's own process: no Ray Train worker group, so no run in the Train view.
     assert len(trial_actors() - earlier) == 5
-    # (Tune ends every trial, a finished one too, at its last report, before its TorchTrainer returns:
-    # the Train view shows them ABORTED.)
-    for row in out.rows:
-        wait_for(lambda: (train_run(ray_cluster["dashboard"], row.trial) or {}).get("status") in ("FINISHED", "ABORTED"),
-                 120, f"trial {row.trial}'s run, ended, in the Train view")
+    assert any("each in its own process" in line for line in lines)
+    assert all(train_run(ray_cluster["dashboard"], row.trial) is None for row in out.rows)
     # W&B: one run per trial (its id is the trial id), grouped under the experiment.
     for row in out.rows:
         runs = [r["data"] for r in wandb_records(exp / "runs" / row.trial) if r["kind"] == "run"]
         assert runs and {(r["run_id"], r["group"]) for r in runs} == {(row.trial, "exp")}
+
+
+@pytest.mark.parametrize("over", [["ray.num_workers=2"], ["tune.local_trials=false"]], ids=["2 workers", "1 worker"])
+def test_trials_of_torchtrainers_show_in_the_train_view(ray_cluster, tmp_path, over):
+    """Trials of several workers (DDP here), or of one with tune.local_trials=false, each build a TorchTrainer
+    whose run the dashboard's Train view shows under the trial's id, with its workers."""
+    base, settings = load_tune_config(tune_yaml(tmp_path, samples=2, experiment="tt", grace_steps=40),
+                                      ["ray.cpus_per_worker=1", *over])
+    lines = []
+    out = run_tune(base, settings, print_fn=lines.append)
+    workers = 2 if "ray.num_workers=2" in over else 1
+    assert any(f"each a TorchTrainer of {workers} worker(s)" in line for line in lines)
+    assert [r.stopped for r in out.rows] == ["finished", "finished"] and all(r.steps == 40 for r in out.rows)
+    # (Tune ends every trial, a finished one too, at its last report, before its TorchTrainer returns:
+    # the Train view shows them ABORTED.)
+    for row in out.rows:
+        run = wait_for(lambda: (lambda r: r if (r or {}).get("status") in ("FINISHED", "ABORTED") else None)(
+            train_run(ray_cluster["dashboard"], row.trial)), 120, f"trial {row.trial}'s run, ended, in the Train view")
+        assert len(run["attempts"][-1]["workers"]) == workers
 
 
 def test_bad_trial_resources_and_failing_trials_end_in_one_clear_line(ray_cluster, tmp_path, capsys):

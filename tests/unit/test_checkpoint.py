@@ -4,7 +4,8 @@ import shutil
 import pytest
 import torch
 
-from raygpt.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, read_meta, save_checkpoint)
+from raygpt.checkpoint import (CheckpointError, keep_best_checkpoints, latest_checkpoint, load_checkpoint, read_meta,
+                               save_checkpoint)
 from raygpt.config import ConfigError
 from raygpt.generate import load
 from raygpt.local import train_local
@@ -63,6 +64,23 @@ def test_partial_directory_is_not_taken_for_a_checkpoint(saved):
     assert latest_checkpoint(path.parent) == path
     with pytest.raises(CheckpointError, match="no meta.json"):
         load(partial)
+
+
+def test_keeping_the_best_checkpoints_follows_ray_trains_rule(saved, tiny_arrays):
+    """Ray Train's num_to_keep scored by val_loss (min), for checkpoints written without Ray Train's controller:
+    the N lowest losses and always the newest; equal losses keep the newer; a partial copy is not counted."""
+    path, model, cfg = saved
+    runs = path.parent / "run"
+    tok = tiny_arrays[0]
+    for step, loss in [(1, 3.0), (2, 2.0), (3, 2.5), (4, 2.0), (5, 2.9)]:
+        save_checkpoint(runs / f"step_{step:06d}", model, cfg, tok, train_state=TrainState(step=step),
+                        metrics={"val_loss": loss})
+    shutil.copytree(runs / "step_000001", runs / "step_000006")  # a half-written copy: meta.json, no weights
+    (runs / "step_000006" / "model.safetensors").unlink()
+    keep_best_checkpoints(runs, 2)
+    assert sorted(p.name for p in runs.iterdir()) == ["step_000002", "step_000004", "step_000005", "step_000006"]
+    keep_best_checkpoints(runs, 5)  # fewer than N: nothing goes
+    assert len(list(runs.iterdir())) == 4
 
 
 def test_a_half_copied_checkpoint_is_not_taken_for_the_latest(saved):
