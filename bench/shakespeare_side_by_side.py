@@ -9,7 +9,9 @@ lr 1e-3 warming up 100 steps then cosine to 1e-4, AdamW (0.9, 0.99), weight deca
 1. plain: nanoGPT's loop written out here with torch alone (random windows from one tensor, AdamW), on
    raygpt's model class so both sides train the same network; no Ray, in this process.
 2. raygpt: `python jobs/train.py configs/shakespeare_char.yaml ...` with one TorchTrainer worker (a local
-   Ray cluster, Ray Data prepare, shards streamed through the per-worker iterator), in a subprocess.
+   Ray cluster, Ray Data prepare, shards streamed through the per-worker iterator), in a subprocess;
+3. the same with ray.num_workers=0: Ray Train's local mode, the train function in the driver (the same local
+   cluster, prepare and data stream; no worker group).
 
 Both final models are then scored on the same thing: every non-overlapping block of the val text. Step
 times are medians of steady-state steps (evals excluded). Skips cleanly (exit 0) when the text is absent.
@@ -81,14 +83,15 @@ def plain(text: str, steps: int = STEPS) -> tuple[GPT, dict, float]:
     return model, stoi, 1000 * statistics.median(times[50:])
 
 
-def raygpt_run(path: Path, out: Path) -> tuple[raygpt.generate.TextGenerator, float, float, str]:
-    """jobs/train.py under Ray; returns the loaded model, median ms/step, its last val loss and data-wait range."""
+def raygpt_run(path: Path, out: Path, workers: int = 1) -> tuple[raygpt.generate.TextGenerator, float, float, str]:
+    """jobs/train.py under Ray (``workers``: ray.num_workers; 0 is Ray Train's local mode, the train function in
+    the driver); returns the loaded model, median ms/step, its last val loss and data-wait range."""
     cmd = [sys.executable, str(ROOT / "jobs/train.py"), str(ROOT / "configs/shakespeare_char.yaml"),
-           f"data.source={path}", f"data.prepared_dir={out}/data", f"train.out_dir={out}", "train.run_name=ray",
+           f"data.source={path}", f"data.prepared_dir={out}/data", f"train.out_dir={out}", f"train.run_name=ray{workers}",
            f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}", f"model.n_embd={N_EMBD}", f"model.block_size={BLOCK}",
            "model.dropout=0.0", f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", "train.eval_interval=500",
            "train.eval_steps=20", "train.log_interval=50", "train.checkpoint_interval=2000", "train.precision=fp32",
-           f"train.seed={SEED}", "ray.num_workers=1", "sample.num_samples=1", "sample.max_new_tokens=100"]
+           f"train.seed={SEED}", f"ray.num_workers={workers}", "sample.num_samples=1", "sample.max_new_tokens=100"]
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
                           env={**os.environ, **local_cluster_env(str(out))}) as proc:
@@ -103,7 +106,7 @@ def raygpt_run(path: Path, out: Path) -> tuple[raygpt.generate.TextGenerator, fl
     steady = [ms for step, ms, _ in steps if step > 50]
     vals = [float(m[1]) for m in (re.search(r"\| val ([\d.]+)", s) for s in lines) if m]
     waits = [w for step, _, w in steps if step > 50]
-    return raygpt.load(out / "ray"), statistics.median(steady), vals[-1], f"{min(waits):.0f}-{max(waits):.0f}%"
+    return raygpt.load(out / f"ray{workers}"), statistics.median(steady), vals[-1], f"{min(waits):.0f}-{max(waits):.0f}%"
 
 
 @torch.no_grad()
@@ -132,11 +135,13 @@ def main(argv: list[str]) -> None:
     model, stoi, plain_ms = plain(text)
     plain_wall = time.perf_counter() - t0
     plain_val = score(model, [stoi[c] for c in val_text])
-    with tempfile.TemporaryDirectory() as tmp:
-        t0 = time.perf_counter()
-        gen, ray_ms, ray_reported, waits = raygpt_run(path, Path(tmp))
-        ray_wall = time.perf_counter() - t0
-        ray_val = score(gen.model.float().cpu(), gen.tokenizer.encode(val_text))
+    runs = {}
+    for workers in (1, 0):
+        with tempfile.TemporaryDirectory() as tmp:
+            t0 = time.perf_counter()
+            gen, ms, reported, waits = raygpt_run(path, Path(tmp), workers)
+            wall = time.perf_counter() - t0
+            runs[workers] = (ms, score(gen.model.float().cpu(), gen.tokenizer.encode(val_text)), wall, reported, waits)
     # The machine's speed drifts over minutes (other tenants): time the plain loop again after the Ray run
     # and compare against both.
     plain_after = plain(text, STEPS // 2)[2]
@@ -144,10 +149,14 @@ def main(argv: list[str]) -> None:
           f"torch {torch.__version__}, {N_LAYER}L/{N_HEAD}H/{N_EMBD}, block {BLOCK}, batch {BATCH}, {STEPS} steps, fp32")
     print(f"{'run':<30}{'ms/step':>9}{'val loss (all val blocks)':>27}{'wall s':>8}")
     print(f"{'plain PyTorch loop':<30}{plain_ms:>9.1f}{plain_val:>27.4f}{plain_wall:>8.0f}")
-    print(f"{'raygpt, Ray, 1 worker':<30}{ray_ms:>9.1f}{ray_val:>27.4f}{ray_wall:>8.0f}")
+    for workers, name in ((1, "raygpt, Ray, 1 worker"), (0, "raygpt, Ray, local mode")):
+        ms, val, wall, _, _ = runs[workers]
+        print(f"{name:<30}{ms:>9.1f}{val:>27.4f}{wall:>8.0f}")
     print(f"{'plain PyTorch loop, again':<30}{plain_after:>9.1f}{'(timing only)':>27}")
-    print(f"raygpt/plain step time: {ray_ms / plain_ms:.3f} (before), {ray_ms / plain_after:.3f} (after); raygpt's own last val loss (20 batches): {ray_reported:.4f}; "
-          f"raygpt data wait per log window: {waits}")
+    for workers, name in ((1, "1 worker"), (0, "local mode")):
+        ms, _, wall, reported, waits = runs[workers]
+        print(f"raygpt {name} / plain: step time {ms / plain_ms:.3f} (before), {ms / plain_after:.3f} (after), wall "
+              f"{wall / plain_wall:.2f}; its own last val loss (20 batches) {reported:.4f}; data wait per log window {waits}")
 
 
 if __name__ == "__main__":

@@ -282,9 +282,9 @@ def _off_console(record: logging.LogRecord) -> bool:
     in the session directory still get them.
 
     Also hidden: Ray Data's "no available CPUs" warning. It reads the cluster's free CPUs once, as a dataset
-    starts, and right after the previous dataset of a prepare finished they can still read as 0 (the
-    resource view lags its tasks' release): a false alarm that CI caught in a run's output. raygpt's own
-    streams run in zero-CPU tasks, so they never wait for a CPU."""
+    starts, and right after earlier tasks finished they can still read as 0 (the resource view lags their
+    release): a false alarm that CI caught in a run's output (then from prepare, which ran two datasets one
+    after the other). raygpt's own streams run in zero-CPU tasks, so they never wait for a CPU."""
     if (record.levelno < logging.WARNING or record.name == "ray.data._internal.progress"
             or str(record.msg).startswith(NO_CPU_WARNING)):
         record.hide = True
@@ -489,8 +489,8 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     # The base train dataset is the stream of a one-worker run: what local mode (num_workers=0) reads. With
     # workers, UnitShards deals the units out per worker and this one is never read (one epoch: a stand-in).
     local = cfg.ray.num_workers == 0
-    datasets = {"train": train_stream(cfg, train_units, 0, 1, start_tokens, epochs=None if local else 1),
-                "val": val_stream(val_units)}
+    datasets = {"train": train_stream(cfg, train_units, 0, 1, start_tokens, epochs=None if local else 1, local=local),
+                "val": val_stream(val_units, local=local)}
     clock["fit"] = time.time()
     config = {"cfg": cfg.to_dict(), "prepared": str(prepared.resolve()), "train_unit_tokens": train_units.tokens,
               "val_tokens": val_tokens, "clock": clock, "quiet": quiet,

@@ -40,10 +40,19 @@ BLOCK_BYTES = 2 << 20  # the size of the blocks a read task hands on (about 64 u
 
 
 def _read(batch: dict, units: Units, deal: tuple | None) -> pa.Table:
-    """Ray Data stage: slot ids -> {epoch, unit, tokens} rows. ``deal`` = (seed, block, world, rank, first
-    epoch, units per epoch): slot -> that epoch's unit for that rank, read with the next unit's head;
-    None: slot i is unit i of the split, alone (val)."""
-    slots = batch["id"].astype(np.int64)
+    """Ray Data stage: slot ids -> {epoch, unit, tokens} rows (see _read_slots)."""
+    epochs, ids, arrays = _read_slots(batch["id"], units, deal)
+    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
+    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
+    return pa.table({"epoch": epochs, "unit": ids,
+                     "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))})
+
+
+def _read_slots(slots, units: Units, deal: tuple | None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+    """Slot ids -> (epochs, unit ids, each unit's tokens). ``deal`` = (seed, block, world, rank, first epoch,
+    units per epoch): slot -> that epoch's unit for that rank, read with the next unit's head; None: slot i
+    is unit i of the split, alone (val)."""
+    slots = np.asarray(slots).astype(np.int64)
     if deal is None:
         epochs, ids, extra = np.zeros(len(slots), dtype=np.int64), slots, 0
     else:
@@ -52,11 +61,23 @@ def _read(batch: dict, units: Units, deal: tuple | None) -> pa.Table:
         ids = np.array([epoch_order(seed, int(e), len(units), block)[0][rank + int(k) * world]
                         for e, k in zip(epochs, slots % per_epoch)], dtype=np.int64)
         extra = head(block)
-    arrays = read_units(units, ids, extra)
-    offsets = np.concatenate([[0], np.cumsum([len(a) for a in arrays])]).astype(np.int32)
-    values = np.concatenate(arrays) if arrays else np.zeros(0, dtype=np.int32)
-    return pa.table({"epoch": epochs, "unit": ids,
-                     "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))})
+    return epochs, ids, read_units(units, ids, extra)
+
+
+class LocalStream:
+    """The rows a stream's Ray Dataset gives (the same slots, read the same way, in order), read in the
+    process that trains, for a run without a worker group (Ray Train's local mode, a one-worker Tune trial):
+    no Ray Data executor thread and no read tasks in other processes to wake up beside the step. Reads cost
+    well under 1% of a step (bench/ingest_speed.py: the reader delivers 200-250x what a step takes)."""
+
+    def __init__(self, units: Units, slots: int, deal: tuple | None):
+        self.units, self.slots, self.deal = units, slots, deal
+
+    def iter_batches(self, batch_size: int, **_) -> Iterator[dict]:
+        for first in range(0, self.slots, batch_size):
+            epochs, ids, arrays = _read_slots(np.arange(first, min(first + batch_size, self.slots)), self.units,
+                                              self.deal)
+            yield {"epoch": epochs, "unit": ids, "tokens": [a.astype(np.int32, copy=False) for a in arrays]}
 
 
 def _slots(batch: dict) -> dict:
@@ -64,8 +85,9 @@ def _slots(batch: dict) -> dict:
     return {"id": np.concatenate([np.arange(f, f + c, dtype=np.int64) for f, c in zip(batch["first"], batch["count"])])}
 
 
-def _stream(units: Units, slots: int, deal: tuple | None):
-    """A Ray Dataset of ``slots`` reads, in order, built so no stage needs a CPU slot.
+def _stream(units: Units, slots: int, deal: tuple | None, local: bool = False):
+    """A Ray Dataset of ``slots`` reads, in order, built so no stage needs a CPU slot (``local``: the same
+    reads as a LocalStream, for a process that trains without a worker group).
 
     Train workers hold every CPU of a small cluster (2 workers on 2 cores), and Ray Data cannot preempt
     them: a task that waits for a CPU would hang the run. So the stream starts from at most MAX_BLOCKS
@@ -73,6 +95,8 @@ def _stream(units: Units, slots: int, deal: tuple | None):
     every stage is a zero-CPU task (reading Parquet is I/O and memcpy, not compute), at most 2 in flight
     (else Ray starts a process per block), 1 for a stream of one read call (Ray Data warns when the cap
     exceeds what it is given)."""
+    if local:
+        return LocalStream(units, slots, deal)
     blocks = min(MAX_BLOCKS, max(1, -(-slots // READ_UNITS)))
     size = max(1, -(-slots // blocks))
     ranges = [{"first": first, "count": min(size, slots - first)} for first in range(0, slots, size)]
@@ -96,21 +120,22 @@ def batches_done(cfg: Config, tokens_seen: int, world: int) -> int:
     return tokens_seen // (world * cfg.train.batch_size * cfg.model.block_size)
 
 
-def train_stream(cfg: Config, units: Units, rank: int, world: int, start_tokens: int, epochs: int | None = None):
+def train_stream(cfg: Config, units: Units, rank: int, world: int, start_tokens: int, epochs: int | None = None,
+                 local: bool = False):
     """``rank``'s stream of train units, from the epoch a run resumed at ``start_tokens`` is in, for as many
-    epochs as the rest of the run can need (``epochs`` to cap it)."""
+    epochs as the rest of the run can need (``epochs`` to cap it; ``local``: see _stream)."""
     plan = plan_of(cfg, units.tokens, world)
     done = batches_done(cfg, start_tokens, world)
     epoch, skip = plan.locate(rank, done)
     needed = max(0, cfg.train.max_steps * grad_accum_steps(cfg.train, world) - done)
     epochs = min(epochs or 2**62, plan.epochs_for(rank, epoch, skip, needed))
     deal = (cfg.train.seed, cfg.model.block_size, world, rank, epoch, plan.per_epoch(rank))
-    return _stream(units, epochs * plan.per_epoch(rank), deal)
+    return _stream(units, epochs * plan.per_epoch(rank), deal, local)
 
 
-def val_stream(units: Units):
+def val_stream(units: Units, local: bool = False):
     """The val split's units, in order, whole (every worker evaluates on the same fixed windows)."""
-    return _stream(units, len(units), None)
+    return _stream(units, len(units), None, local)
 
 
 class UnitShards(ray.train.DataConfig):
