@@ -195,8 +195,8 @@ def cmd_train(argv: Sequence[str]) -> int:
 
 
 def cmd_prepare(argv: Sequence[str]) -> int:
-    """Tokenize cfg.data into Parquet shards with Ray Data; prints the prepared folder."""
-    p = command_parser("prepare", "Tokenize data.source into Parquet shards with Ray Data (reused when the sources\n"
+    """Tokenize cfg.data into Parquet shards in Ray tasks; prints the prepared folder."""
+    p = command_parser("prepare", "Tokenize data.source into Parquet shards in Ray tasks (reused when the sources\n"
                        "and settings are the same).", DATA_KEYS, "a YAML config such as configs/default.yaml")
     path, overrides = split_config_args(p.parse_intermixed_args(argv).args)
     cfg = load_config(path, overrides)
@@ -435,7 +435,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
         print(f"usage: raygpt {{{'|'.join(COMMANDS)}}} ...\n"
-              "  prepare [CONFIG] [key=value ...] tokenize data.source into Parquet shards (Ray Data)\n"
+              "  prepare [CONFIG] [key=value ...] tokenize data.source into Parquet shards (Ray tasks)\n"
               "  train [CONFIG] [key=value ...]   train a GPT on Ray (defaults < CONFIG < overrides);\n"
               "                                   --local trains in this process without Ray; --wandb logs to W&B\n"
               "  tune [TUNE_CONFIG] --samples N   search lr, warmup, model size with Ray Tune\n"

@@ -8,6 +8,7 @@ loaded, so the simple kinds work without it.
 
 from __future__ import annotations
 
+import itertools
 import json
 import pathlib
 import re
@@ -21,6 +22,11 @@ FILENAME = "tokenizer.json"
 
 # Target size of the pieces a big text is cut into for HF batch encoding.
 _BPE_CHUNK_CHARS = 1 << 16
+# Characters handed to HF per encode_batch call: enough pieces for its threads, while the Encodings it
+# returns (ids, tokens, offsets: some 100 bytes a token) stay a few hundred MB at most.
+_BPE_BATCH_CHARS = 1 << 21
+# UTF-8 bytes that characters() takes together.
+_CHARACTERS_BATCH = 1 << 23
 # A newline between two non-space characters is always a pre-token boundary of
 # the GPT-2 byte-level regex, so encoding the pieces separately is exact.
 _SAFE_SPLIT = re.compile(r"(?<=\S)\n(?=\S)")
@@ -46,6 +52,10 @@ class Tokenizer:
     def encode_array(self, text: str) -> np.ndarray:
         """Same ids as :meth:`encode`, as an ``np.int32`` array (fast for big corpora)."""
         raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        """:meth:`encode_array` of each text (BPE encodes them together, on all cores)."""
+        return [self.encode_array(text) for text in texts]
 
     def decode(self, ids) -> str:
         """Return the text of ``ids`` (any iterable of ints); EOT decodes to ``"<|endoftext|>"``."""
@@ -95,22 +105,35 @@ class CharTokenizer(Tokenizer):
         self.vocab_size = len(chars) + 1
         self.eot_id = len(chars)
         self._itos = chars + [EOT]
-        # Sorted code points let encode_array map a whole corpus with one searchsorted.
-        self._codes = np.array([ord(c) for c in chars], dtype=np.uint32)
+        # Lookup tables: code point -> id (-1: not in the vocabulary; the last entry stands for every code
+        # point past the largest one), and for ASCII text a bytes.translate table (ASCII characters sort
+        # first, so their ids are below 128 and fit a byte; 255 marks one not in the vocabulary).
+        self._lut = np.full(ord(chars[-1]) + 2, -1, dtype=np.int32)
+        self._lut[[ord(c) for c in chars]] = np.arange(len(chars), dtype=np.int32)
+        ascii_ids = self._lut[:128]
+        table = np.full(256, 255, dtype=np.uint8)
+        table[:len(ascii_ids)] = np.where(ascii_ids >= 0, ascii_ids, 255)
+        self._ascii = table.tobytes()
 
     def encode_array(self, text: str) -> np.ndarray:
-        codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
-        idx = np.searchsorted(self._codes, codes)
-        known = self._codes[np.minimum(idx, len(self._codes) - 1)] == codes
-        if not known.all():
-            pos = int(np.argmin(known))
-            ch = text[pos]
-            raise ValueError(
-                f"character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in the char vocabulary "
-                f"({len(self.chars)} characters built from the training corpus); "
-                "use data.tokenizer=bytes or bpe for open-vocabulary text"
-            )
-        return idx.astype(np.int32)
+        if text.isascii():  # (a flag CPython keeps: no scan) one C pass of bytes.translate
+            ids = text.encode("ascii").translate(self._ascii)
+            pos = ids.find(255)
+            if pos < 0:
+                return np.frombuffer(ids, dtype=np.uint8).astype(np.int32)
+        else:
+            codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+            ids = np.take(self._lut, codes, mode="clip")
+            unknown = ids < 0
+            if not unknown.any():
+                return ids
+            pos = int(np.argmax(unknown))
+        ch = text[pos]
+        raise ValueError(
+            f"character {ch!r} (U+{ord(ch):04X}) at position {pos} is not in the char vocabulary "
+            f"({len(self.chars)} characters built from the training corpus); "
+            "use data.tokenizer=bytes or bpe for open-vocabulary text"
+        )
 
     def decode(self, ids) -> str:
         itos = self._itos
@@ -167,20 +190,43 @@ class BPETokenizer(Tokenizer):
         return self._hf.encode(text, add_special_tokens=False).ids
 
     def encode_array(self, text: str) -> np.ndarray:
+        return self.encode_batch([text])[0]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # Big texts are cut at pre-token boundaries only, so encoding the pieces together (in parallel, in
+        # HF) yields exactly the ids of encoding each text whole. HF gets about _BPE_BATCH_CHARS at a time.
+        out: list[list[np.ndarray]] = [[] for _ in texts]
+        batch: list[tuple[int, str]] = []  # (the text it is of, a piece)
+        held = 0
+        for i, text in enumerate(texts):
+            for piece in self._pieces(text):
+                batch.append((i, piece))
+                held += len(piece)
+                if held >= _BPE_BATCH_CHARS:
+                    self._encode_pieces(batch, out)
+                    batch, held = [], 0
+        if batch:
+            self._encode_pieces(batch, out)
+        # Every text has one piece at least (an empty text is one empty piece).
+        return [parts[0] if len(parts) == 1 else np.concatenate(parts) for parts in out]
+
+    def _encode_pieces(self, batch: list[tuple[int, str]], out: list[list[np.ndarray]]) -> None:
+        # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
+        encode = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
+        for (owner, _), encoding in zip(batch, encode([piece for _, piece in batch], add_special_tokens=False)):
+            out[owner].append(np.asarray(encoding.ids, dtype=np.int32))
+
+    def _pieces(self, text: str) -> list[str]:
+        """``text`` cut into pieces of about _BPE_CHUNK_CHARS at _SAFE_SPLIT boundaries (when exact)."""
         if not self._chunkable or len(text) <= _BPE_CHUNK_CHARS:
-            return np.asarray(self.encode(text), dtype=np.int32)
-        # Cut at pre-token boundaries only, so batch encoding (parallel in HF)
-        # yields exactly the ids of encoding the whole text at once.
-        chunks, start = [], 0
+            return [text]
+        pieces, start = [], 0
         while start < len(text):
             m = _SAFE_SPLIT.search(text, start + _BPE_CHUNK_CHARS)
             end = m.end() if m else len(text)
-            chunks.append(text[start:end])
+            pieces.append(text[start:end])
             start = end
-        # encode_batch_fast (tokenizers >= 0.20) skips offset tracking we never use.
-        batch = getattr(self._hf, "encode_batch_fast", self._hf.encode_batch)
-        encodings = batch(chunks, add_special_tokens=False)
-        return np.concatenate([np.asarray(e.ids, dtype=np.int32) for e in encodings])
+        return pieces
 
     def decode(self, ids) -> str:
         return self._hf.decode(self._check_ids(ids).tolist(), skip_special_tokens=False)
@@ -212,15 +258,36 @@ def train_tokenizer(kind: str, texts: Iterable[str], vocab_size: int | None = No
     if isinstance(texts, str):  # a bare string would otherwise be iterated per character
         texts = [texts]
     if kind == "char":
-        chars: set[str] = set()
-        for text in texts:
-            chars.update(text)
-        return CharTokenizer(chars)
+        return CharTokenizer(characters(texts))
     if kind == "bytes":
         return BytesTokenizer()
     if kind == "bpe":
         return _train_bpe(texts, vocab_size)
     raise ValueError(f"unknown tokenizer kind {kind!r}; valid kinds are {', '.join(KINDS)}")
+
+
+def characters(texts: Iterable[str]) -> set[str]:
+    """The distinct characters of ``texts`` (a char vocabulary), at C speed rather than one Python step
+    per character: texts are taken together, some MB at a time, as UTF-8, and the ASCII characters found
+    in a look at the start are deleted from all of it with bytes.translate, until a look finds no new one;
+    only what is then left (other characters, usually few) is gone through one by one. Deleting whole
+    one-byte characters leaves valid UTF-8."""
+    chars: set[str] = set()
+    batch: list[bytes] = []
+    held = 0
+    for text in itertools.chain(texts, [None]):
+        if text is not None:
+            batch.append(text.encode("utf-8", "surrogatepass"))
+            held += len(batch[-1])
+            if held < _CHARACTERS_BATCH:
+                continue
+        rest = b"".join(batch)
+        while new := {b for b in set(rest[:4096]) if b < 0x80}:
+            chars.update(map(chr, new))
+            rest = rest.translate(None, bytes(new))
+        chars.update(rest.decode("utf-8", "surrogatepass"))
+        batch, held = [], 0
+    return chars
 
 
 def _train_bpe(texts: Iterable[str], vocab_size: int | None) -> BPETokenizer:

@@ -96,12 +96,14 @@ def build_tokenizer(data: DataConfig, texts: Iterable[str]) -> Tokenizer:
 def encode_documents(texts: Iterable[str], tokenizer: Tokenizer) -> np.ndarray:
     """One token array: each document's ids followed by the end-of-text id (documents never run into
     each other without a boundary the model can see)."""
-    parts = []
-    eot = np.array([tokenizer.eot_id], dtype=np.int32)
-    for text in texts:
-        parts.append(tokenizer.encode_array(text))
-        parts.append(eot)
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int32)
+    arrays = tokenizer.encode_batch(list(texts))
+    ids = np.empty(sum(len(a) for a in arrays) + len(arrays), dtype=np.int32)
+    at = 0
+    for a in arrays:
+        ids[at:at + len(a)] = a
+        ids[at + len(a)] = tokenizer.eot_id
+        at += len(a) + 1
+    return ids
 
 
 def prepare_arrays(data: DataConfig, tokenizer: Tokenizer | None = None,

@@ -1,4 +1,4 @@
-"""Prepare: raw text -> tokenized Parquet shards + manifest, with Ray Data (this module imports Ray).
+"""Prepare: raw text -> tokenized Parquet shards + manifest, in Ray tasks (this module imports Ray).
 
     prepared/<name>-<fingerprint>/
         manifest.json         tokenizer, vocab size, tokens per split, shards (rows, tokens, sha256),
@@ -10,8 +10,15 @@
 The same sources and settings reuse the folder; any change prepares anew under another fingerprint. The
 folder is written under a temporary name (.NAME.tmp-HOST-PID-RANDOM: who writes it) and renamed into place
 only when complete, so an interrupted prepare never leaves shards that look prepared; the next prepare in
-the same prepared_dir removes the temporaries whose writer is gone. Reading, splitting and tokenizing
-stream through Ray Data in batches: memory stays bounded by the object store, not by the corpus.
+the same prepared_dir removes the temporaries whose writer is gone.
+
+The files are dealt, in the sources' order, into groups of about GROUP_BYTES, and one Ray task (1 CPU) per
+group reads its files, splits and tokenizes its documents and writes its own shards, named after the group:
+the shards in name order hold the sources' order. Tasks get file lists and give back what the manifest
+lists of their shards (paths, token counts, sha256); no text or token id crosses the object store, so
+memory stays bounded by the tasks running (a group, or one file larger than that), not by the corpus.
+Big batches, not rows, are the unit of work: bytes and char spend their time in C (bytes.translate, numpy
+lookups, Parquet encoding), BPE in HF's encode_batch.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 import re
 import shutil
 import socket
@@ -26,7 +34,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -35,10 +43,10 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raygpt.config import DataConfig
-from raygpt.data.corpus import check_split_sizes, no_text_error, split_text
-from raygpt.data.sources import (PrepareError, Skipped, SourceFile, check_writable, count_skipped,
-                                 list_sources, parse_file, record_name, skipped_error)
-from raygpt.tokenizer import Tokenizer, load_tokenizer
+from raygpt.data.corpus import build_tokenizer, check_split_sizes, encode_documents, no_text_error, split_text
+from raygpt.data.sources import (Document, PrepareError, Skipped, SourceFile, check_writable, count_skipped,
+                                 list_sources, parse_file, read_file, record_name, skipped_error)
+from raygpt.tokenizer import Tokenizer, characters, load_tokenizer
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 3: val rows in the sources' order (doc, chunk columns)
@@ -48,6 +56,20 @@ ROWS_PER_FILE = 128  # 64 row groups per file, so opening a file to read one uni
 PARQUET_EXT = (".parquet",)
 RECORDS = 2**24  # documents of one file (its JSON records) at most, for the order of documents
 STALE_SECONDS = 24 * 3600  # another host's temporary folder untouched this long is taken as abandoned
+GROUP_BYTES = 8 << 20  # source bytes per prepare task: tens of tasks for 2 cores at 200 MB, little idle at the end
+ENCODE_CHARS = 8 << 20  # a task tokenizes and writes what it read every this many characters (a big file)
+# A BPE tokenizer trains on a seeded sample of whole files, about this many bytes (all of a smaller corpus):
+# training on all of a big corpus would cost more than tokenizing it. On 8.6 MB of held-out Python (installed
+# packages' sources) a 16 MB sample took 1.1% more tokens than training on 64 MB did, 2 MB 3.3% (a 4096
+# vocabulary; bench/prepare_speed.py --bpe-sample-cost, bench/RESULTS.md).
+BPE_SAMPLE_BYTES = 16 << 20
+BPE_SAMPLE_SEED = 0
+# Token ids dictionary-encoded (bit-packed: about a byte a token for bytes and char), no compression on top,
+# no statistics: some 70% of the CPU time of pyarrow's defaults (snappy and dictionaries on every column,
+# statistics), for files up to a sixth bigger. (Per file, most of the time goes to its 64 row groups x 6
+# columns, not to the ids.)
+WRITE_OPTIONS = dict(row_group_size=UNIT_ROWS, use_dictionary=["tokens.list.element"], compression="none",
+                     write_statistics=False)
 
 
 def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
@@ -55,104 +77,14 @@ def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
     settings = {k: v for k, v in asdict(data).items() if k not in ("prepared_dir",)}
     if settings["tokenizer_path"]:
         settings["tokenizer_sha256"] = hashlib.sha256(Path(settings["tokenizer_path"]).read_bytes()).hexdigest()
+    elif data.tokenizer == "bpe":
+        settings["bpe_sample"] = [BPE_SAMPLE_BYTES, BPE_SAMPLE_SEED]
     blob = json.dumps({"version": FORMAT_VERSION, "chunk": CHUNK_TOKENS, "unit": UNIT_ROWS, "settings": settings,
                        "files": [(f.path, f.size, f.mtime) for f in files]}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-# --------------------------------------------------------------------------- Ray Data stages (run in tasks)
-
-
-def _parse(batch: dict, text_field: str, max_chars: Optional[int], file_order: dict) -> dict:
-    """Raw files -> document rows (a text file is one, a JSON record one: sources.parse_file, as the local
-    loop reads them); what is skipped becomes rows with `bad` (what) and `bad_records` set. `order` is a
-    document's place in the sources (file, then record), which the val split is put back into."""
-    rows = {"name": [], "text": [], "bad": [], "bad_records": [], "order": []}
-
-    def add(name: str, text: str, bad: str = "", bad_records: int = 0, order: int = 0) -> None:
-        for key, value in zip(rows, (name, text, bad, bad_records, order)):
-            rows[key].append(value)
-
-    for raw, name in zip(batch["bytes"], batch["name"]):
-        docs, skipped = parse_file(raw, name, text_field)
-        for k, doc in enumerate(docs):
-            add(doc.name, doc.text[:max_chars] if max_chars else doc.text, order=file_order[name] * RECORDS + k)
-        for s in skipped:
-            add(name, "", s.what, s.records)
-    return {key: np.array(values, dtype=np.int64 if key in ("bad_records", "order") else object)
-            for key, values in rows.items()}
-
-
-def _charset(batch: dict) -> dict:
-    chars = set()
-    for text in batch["text"]:
-        chars.update(text)
-    return {"chars": np.array(["".join(sorted(chars))], dtype=object)}
-
-
-def _tokenize(batch: dict, tokenizer: Tokenizer, data: DataConfig) -> dict:
-    """Documents -> chunks of at most CHUNK_TOKENS ids per split, each document followed by end-of-text.
-    Each chunk keeps (`doc`, `chunk`): the order of the batch's first document and its place among the
-    batch's chunks, by which _put_in_order restores the sources' order."""
-    per_split: dict[str, list[np.ndarray]] = {"train": [], "val": []}
-    rows = {"split": [], "tokens": [], "bad": [], "bad_records": [], "chunk": []}
-    eot = np.array([tokenizer.eot_id], dtype=np.int32)
-    by_order = np.argsort(batch["order"], kind="stable")
-    first = int(batch["order"][by_order[0]]) if len(by_order) else 0
-    for i in by_order:
-        name, text, bad, bad_records = batch["name"][i], batch["text"][i], batch["bad"][i], batch["bad_records"][i]
-        if bad:
-            rows["split"].append("bad")
-            rows["tokens"].append(np.zeros(0, dtype=np.int32))
-            rows["bad"].append(bad)
-            rows["bad_records"].append(int(bad_records))
-            rows["chunk"].append(0)
-            continue
-        if not text:
-            continue  # an empty file is no document (the local loop skips it too)
-        for split, part in split_text(name, text, data):
-            per_split[split] += [tokenizer.encode_array(part), eot]
-    for split, arrays in per_split.items():
-        if not arrays:
-            continue
-        ids = np.concatenate(arrays)
-        for chunk, start in enumerate(range(0, len(ids), CHUNK_TOKENS)):
-            rows["split"].append(split)
-            rows["tokens"].append(ids[start:start + CHUNK_TOKENS])
-            rows["bad"].append("")
-            rows["bad_records"].append(0)
-            rows["chunk"].append(chunk)
-    # A plain list<int32> column (any Parquet reader sees token ids), built from offsets without copies.
-    lengths = np.array([len(t) for t in rows["tokens"]], dtype=np.int32)
-    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
-    values = np.concatenate(rows["tokens"]) if rows["tokens"] else np.zeros(0, dtype=np.int32)
-    tokens = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values.astype(np.int32)))
-    return pa.table({"split": rows["split"], "tokens": tokens, "n_tokens": lengths, "bad": rows["bad"],
-                     "bad_records": pa.array(rows["bad_records"], type=pa.int64()),
-                     "doc": pa.array([first] * len(lengths), type=pa.int64()),
-                     "chunk": pa.array(rows["chunk"], type=pa.int32())})
-
-
 # --------------------------------------------------------------------------- the pipeline
-
-
-def _put_in_order(folder: Path) -> None:
-    """Rewrite a split's shards with their rows in the sources' order (by `doc`, `chunk`) unless they are
-    already. Done for val: its token stream is then the local loop's, document for document, so both paths
-    evaluate on the same fixed windows. (Val is a small share of the corpus; this reads it once.)"""
-    files = sorted(folder.glob("*.parquet"))
-    if not files:
-        return
-    table = pa.concat_tables([pq.read_table(f) for f in files])
-    keys = np.lexsort((table.column("chunk").to_numpy(), table.column("doc").to_numpy()))
-    if np.array_equal(keys, np.arange(len(keys))):
-        return
-    table = table.take(pa.array(keys))
-    for f in files:
-        f.unlink()
-    for i, start in enumerate(range(0, table.num_rows, ROWS_PER_FILE)):
-        pq.write_table(table.slice(start, ROWS_PER_FILE), folder / f"ordered-{i:06d}.parquet",
-                       row_group_size=UNIT_ROWS)
 
 
 def prepare(data: DataConfig, print_fn=print) -> Path:
@@ -164,23 +96,24 @@ def prepare(data: DataConfig, print_fn=print) -> Path:
     if (out / MANIFEST).is_file():
         print_fn(f"prepare: reusing {out} (same sources and settings)")
         return out
+    _check_parquet(fs, files, data.text_field)
     check_writable(data.prepared_dir, "data.prepared_dir")
     t0 = time.perf_counter()
     total_bytes = sum(f.size for f in files)
     print_fn(f"prepare: {len(files)} files, {total_bytes / 1e6:.1f} MB from {data.source} -> {out}")
-    docs = _documents(fs, files, data)
-    tokenizer = _build_tokenizer(docs, data)
+    # Text and JSON files in the sources' order, then the Parquet files (whose records have no path).
+    ordered = sorted(files, key=lambda f: f.path.endswith(PARQUET_EXT))
+    groups = _groups(ordered)
+    tokenizer = _build_tokenizer(fs, ordered, groups, data)
     tmp = out.parent / f".{out.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        ds = docs.map_batches(_tokenize, fn_kwargs={"tokenizer": tokenizer, "data": data}, batch_format="numpy",
-                              batch_size=16)
-        # Shards in the sources' order as far as Ray Data keeps it (it does not always: _put_in_order makes
-        # sure of it for the val split).
-        ds.context.execution_options.preserve_order = True
-        ds.write_parquet(str(tmp.resolve()), partition_cols=["split"], row_group_size=UNIT_ROWS,
-                         max_rows_per_file=ROWS_PER_FILE)
-        _put_in_order(tmp / "split=val")
-        manifest = _manifest(tmp, tokenizer, data, files, fp)
+        for split in ("train", "val"):  # here, not in the tasks: a task never re-creates a removed folder
+            (tmp / f"split={split}").mkdir(parents=True)
+        width = len(str(len(groups)))
+        results = _run(_write_group, [(fs, [ordered[i] for i in g], g[0] * RECORDS, f"{n:0{width}d}")
+                                      for n, g in enumerate(groups)],
+                       tokenizer=tokenizer, data=data, root=str(tmp.resolve()))
+        manifest = _manifest(results, tokenizer, data, files, fp)
         skipped = manifest.pop("skipped")
         if skipped and data.on_bad_file == "fail":
             raise skipped_error(skipped)
@@ -202,12 +135,224 @@ def prepare(data: DataConfig, print_fn=print) -> Path:
         raise
     s = manifest["splits"]
     print_fn(f"prepare: {s['train']['tokens']:,} train / {s['val']['tokens']:,} val tokens, {tokenizer!r}, "
-             f"{count_skipped(skipped)} skipped, {total_bytes / 1e6 / manifest['seconds']:.2f} MB/s")
+             f"{count_skipped(skipped)} skipped, {total_bytes / 1e6 / max(manifest['seconds'], 0.01):.2f} MB/s")
     for line in manifest["skipped_files"][:5]:
         print_fn(f"prepare: skipped {line}")
     if len(skipped) > 5:
         print_fn(f"prepare: ... {len(skipped) - 5} more: skipped_files in {out / MANIFEST}")
     return out
+
+
+def _groups(files: list[SourceFile]) -> list[list[int]]:
+    """The files' indices dealt in order into groups of about GROUP_BYTES (a bigger file is one on its own)."""
+    groups: list[list[int]] = []
+    size = 0
+    for i, f in enumerate(files):
+        if not groups or (size and size + f.size > GROUP_BYTES):
+            groups.append([])
+            size = 0
+        groups[-1].append(i)
+        size += f.size
+    return groups
+
+
+def _run(fn, calls: list[tuple], **shared) -> list:
+    """``fn(*call, **shared)`` for every call, each in a Ray task of 1 CPU; the results in order. ``shared``
+    goes to the object store once. The first task that fails stops the others; a user mistake it raises
+    (PrepareError, ValueError) comes back as itself, one line, not inside Ray's traceback."""
+    import ray
+
+    remote = ray.remote(num_cpus=1)(fn)
+    refs = {k: ray.put(v) for k, v in shared.items()}
+    pending = [remote.remote(*call, **refs) for call in calls]
+    done = list(pending)
+    try:
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1)
+            ray.get(ready)
+        return ray.get(done)
+    except ray.exceptions.RayTaskError as e:
+        if isinstance(e.cause, ValueError):
+            raise e.cause from None
+        raise
+    finally:
+        for ref in pending:  # a failure or an interrupt: stop what still runs before the caller cleans up
+            ray.cancel(ref)
+        if pending:
+            ray.wait(pending, num_returns=len(pending), timeout=30)
+
+
+def _check_parquet(fs: pafs.FileSystem, files: list[SourceFile], field: str) -> None:
+    """Every Parquet source has a text column ``field``: checked from the footers before any work."""
+    for f in files:
+        if not f.path.endswith(PARQUET_EXT):
+            continue
+        try:
+            schema = pq.read_schema(f.path, filesystem=fs)
+        except (OSError, pa.ArrowException) as e:
+            raise PrepareError(f"{f.name}: not a readable Parquet file ({str(e).splitlines()[0]}); "
+                               f"fix or remove it") from None
+        if field not in schema.names:
+            raise PrepareError(f"{f.name}: no field {field!r} in the records (fields: {', '.join(schema.names)}); "
+                               f"set data.text_field")
+        kind = schema.field(field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise PrepareError(f"{f.name}: field {field!r} holds {kind}, not text; set data.text_field")
+
+
+def _read(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig, skipped: list[Skipped]) -> Iterator[Document]:
+    """The documents of ``files`` in order, each cut to data.max_chars: a text file is one, a JSON record one
+    (sources.parse_file, as the local loop reads them), a Parquet row one (named by a hash of its text).
+    What is left out goes to ``skipped``."""
+    for f in files:
+        if f.path.endswith(PARQUET_EXT):
+            docs: Iterator[Document] | list[Document] = _parquet_documents(fs, f.path, data.text_field)
+        else:
+            docs, left_out = parse_file(read_file(fs, f.path), f.name, data.text_field)
+            skipped += left_out
+        for doc in docs:
+            yield Document(doc.name, doc.text[:data.max_chars]) if data.max_chars else doc
+
+
+def _parquet_documents(fs: pafs.FileSystem, path: str, field: str) -> Iterator[Document]:
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(columns=[field], batch_size=4096):
+            for text in batch.column(0).to_pylist():
+                if text:
+                    yield Document(record_name(text), text)
+
+
+def _build_tokenizer(fs: pafs.FileSystem, files: list[SourceFile], groups: list[list[int]],
+                     data: DataConfig) -> Tokenizer:
+    if data.tokenizer_path or data.tokenizer == "bytes":
+        return build_tokenizer(data, [])
+    if data.tokenizer == "char":
+        # A pass of its own, in parallel, before the one that writes: the vocabulary must cover every split.
+        return build_tokenizer(data, _run(_characters, [(fs, [files[i] for i in g]) for g in groups], data=data))
+    return _run(_train_bpe, [(fs, _bpe_sample(files))], data=data)[0]
+
+
+def _characters(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig) -> str:
+    """Ray task: the characters of a group's documents."""
+    return "".join(sorted(characters(doc.text for doc in _read(fs, files, data, []))))
+
+
+def _bpe_sample(files: list[SourceFile]) -> list[SourceFile]:
+    """Whole files, in a seeded random choice, until BPE_SAMPLE_BYTES (all of a smaller corpus); in order."""
+    order = list(range(len(files)))
+    random.Random(BPE_SAMPLE_SEED).shuffle(order)
+    chosen, size = [], 0
+    for i in order:
+        if size >= BPE_SAMPLE_BYTES:
+            break
+        chosen.append(i)
+        size += files[i].size
+    return [files[i] for i in sorted(chosen)]
+
+
+def _train_bpe(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig) -> Tokenizer:
+    """Ray task: a BPE tokenizer trained on the documents of ``files``, BPE_SAMPLE_BYTES characters of them at
+    most (a sampled file can be big). HF counts words as the texts stream in; the sample is never held whole."""
+    def texts() -> Iterator[str]:
+        left = BPE_SAMPLE_BYTES
+        for doc in _read(fs, files, data, []):
+            if left <= 0:
+                return
+            if doc.text:
+                yield doc.text[:left]
+                left -= len(doc.text)
+
+    return build_tokenizer(data, texts())
+
+
+def _write_group(fs: pafs.FileSystem, files: list[SourceFile], doc: int, name: str, tokenizer: Tokenizer,
+                 data: DataConfig, root: str) -> dict:
+    """Ray task: a group's documents -> its shards in each split (documents joined by end-of-text); returns
+    {"shards": {split: [what the manifest lists of each shard]}, "skipped": [Skipped]}. ``doc`` is the order
+    of the group's first document (column `doc`: every row of the group, by which rows sort into the
+    sources' order with `chunk`, their place in the group)."""
+    skipped: list[Skipped] = []
+    shards = {split: _Shards(Path(root), split, name, doc) for split in ("train", "val")}
+    texts: dict[str, list[str]] = {"train": [], "val": []}
+    held = 0
+    for document in _read(fs, files, data, skipped):
+        for split, part in split_text(document.name, document.text, data):
+            texts[split].append(part)
+            held += len(part)
+        if held >= ENCODE_CHARS:
+            for split, parts in texts.items():
+                shards[split].add(encode_documents(parts, tokenizer))
+                parts.clear()
+            held = 0
+    for split, parts in texts.items():
+        shards[split].add(encode_documents(parts, tokenizer))
+    return {"shards": {split: s.close() for split, s in shards.items()}, "skipped": skipped}
+
+
+class _Shards:
+    """One split's shards of one group: token ids in, Parquet files of ROWS_PER_FILE rows of CHUNK_TOKENS
+    out (the group's last row and file shorter), each described as the manifest lists it."""
+
+    def __init__(self, root: Path, split: str, group: str, doc: int):
+        self.root, self.split, self.group, self.doc = root, split, group, doc
+        self.held: list[np.ndarray] = []
+        self.count = 0  # tokens held
+        self.rows = 0  # rows written
+        self.written: list[dict] = []
+
+    def add(self, ids: np.ndarray) -> None:
+        if len(ids):
+            self.held.append(ids)
+            self.count += len(ids)
+        if self.count >= ROWS_PER_FILE * CHUNK_TOKENS:
+            self._flush(last=False)
+
+    def close(self) -> list[dict]:
+        if self.count:
+            self._flush(last=True)
+        return self.written
+
+    def _flush(self, last: bool) -> None:
+        per_file = ROWS_PER_FILE * CHUNK_TOKENS
+        ids = np.concatenate(self.held) if len(self.held) > 1 else self.held[0]
+        end = len(ids) if last else len(ids) // per_file * per_file
+        for start in range(0, end, per_file):
+            self._write(ids[start:min(start + per_file, end)])
+        rest = ids[end:]
+        self.held, self.count = ([rest.copy()] if len(rest) else []), len(rest)
+
+    def _write(self, ids: np.ndarray) -> None:
+        rows = -(-len(ids) // CHUNK_TOKENS)
+        offsets = np.minimum(np.arange(rows + 1) * CHUNK_TOKENS, len(ids)).astype(np.int32)
+        lengths = np.diff(offsets)
+        # A plain list<int32> column (any Parquet reader sees token ids), built from offsets without copies;
+        # the other columns are as format 3 has them (bad, bad_records: always empty in train and val).
+        table = pa.table({"tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(ids, type=pa.int32())),
+                          "n_tokens": lengths, "bad": pa.array([""] * rows, type=pa.string()),
+                          "bad_records": np.zeros(rows, dtype=np.int64), "doc": np.full(rows, self.doc, dtype=np.int64),
+                          "chunk": np.arange(self.rows, self.rows + rows, dtype=np.int32)})
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink, **WRITE_OPTIONS)
+        body = sink.getvalue()
+        path = f"split={self.split}/{self.group}-{len(self.written):05d}.parquet"
+        with open(self.root / path, "wb") as f:  # not "x": a retried task writes the same files again
+            f.write(body)
+        self.written.append({"path": path, "rows": rows, "tokens": len(ids),
+                             "units": np.add.reduceat(lengths, np.arange(0, rows, UNIT_ROWS)).tolist(),
+                             "sha256": hashlib.sha256(body).hexdigest()})
+        self.rows += rows
+
+
+def _manifest(results: list[dict], tokenizer: Tokenizer, data: DataConfig, files: list[SourceFile], fp: str) -> dict:
+    splits = {}
+    for split in ("train", "val"):
+        shards = [shard for r in results for shard in r["shards"][split]]  # group order: the sources' order
+        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
+    skipped = [s for r in results for s in r["skipped"]]
+    return {"format": "raygpt-prepared", "format_version": FORMAT_VERSION, "fingerprint": fp,
+            "source": data.source, "files": len(files), "tokenizer": tokenizer.kind,
+            "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "settings": asdict(data),
+            "splits": splits, "skipped": sorted(skipped, key=lambda s: s.what)}
 
 
 # Temporary folders are named .NAME.tmp-HOST-PID-RANDOM after their writer (earlier ones .NAME.tmp-RANDOM).
@@ -264,80 +409,6 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True  # it exists, as another user's process
     return True
-
-
-def _documents(fs: pafs.FileSystem, files: list[SourceFile], data: DataConfig):
-    """A Ray Dataset of {name, text, bad, bad_records} rows over every kind of source file."""
-    import ray
-
-    # Text and JSON files are read whole as bytes and parsed by sources.parse_file (as the local loop reads
-    # them): a JSON line that is not valid, or a record without the text field, is counted and reported,
-    # not dropped without a word as a JSON reader would.
-    raw_files = [f.path for f in files if not f.path.endswith(PARQUET_EXT)]
-    names = {f.path: f.name for f in files}
-    parts = []
-    if raw_files:
-        raw = ray.data.read_binary_files(raw_files, filesystem=fs, include_paths=True)
-        raw = raw.map_batches(lambda b: {"bytes": b["bytes"], "name": np.array(
-            [names.get(p, names.get("/" + p, p)) for p in b["path"]], dtype=object)}, batch_format="numpy")
-        file_order = {f.name: i for i, f in enumerate(files)}
-        parts.append(raw.map_batches(_parse, fn_kwargs={"text_field": data.text_field, "max_chars": data.max_chars,
-                                                        "file_order": file_order},
-                                     batch_format="numpy"))
-    parquet = [f.path for f in files if f.path.endswith(PARQUET_EXT)]
-    if parquet:
-        ds = ray.data.read_parquet(parquet, filesystem=fs)
-        parts.append(ds.map_batches(_records, fn_kwargs={"field": data.text_field}, batch_format="pyarrow"))
-    return parts[0] if len(parts) == 1 else parts[0].union(*parts[1:])
-
-
-def _records(table, field: str) -> dict:
-    """Parquet rows -> {name, text, bad, bad_records, order}; a document's name is a hash of its text (no path)."""
-    if field not in table.column_names:
-        raise PrepareError(f"no field {field!r} in the records (fields: {', '.join(table.column_names)}); "
-                           f"set data.text_field")
-    texts = [t or "" for t in table.column(field).to_pylist()]
-    return {"name": np.array([record_name(t) for t in texts], dtype=object), "text": np.array(texts, dtype=object),
-            "bad": np.array([""] * len(texts), dtype=object), "bad_records": np.zeros(len(texts), dtype=np.int64),
-            # Parquet rows come after the text and JSON files, in the order Ray Data reads them.
-            "order": np.full(len(texts), 2**62, dtype=np.int64)}
-
-
-def _build_tokenizer(docs, data: DataConfig) -> Tokenizer:
-    from raygpt.data.corpus import build_tokenizer
-
-    if data.tokenizer_path or data.tokenizer == "bytes":
-        return build_tokenizer(data, [])
-    if data.tokenizer == "char":
-        # One pass in parallel: each batch's characters, unioned here (the vocabulary must cover val too).
-        sets = docs.map_batches(_charset, batch_format="numpy").take_all()
-        chars = set().union(*(row["chars"] for row in sets))
-        return build_tokenizer(data, ["".join(sorted(chars))])
-    # BPE trains on the driver from a stream of documents: HF keeps word counts, not the corpus.
-    return build_tokenizer(data, (row["text"] for row in docs.iter_rows() if row["text"]))
-
-
-def _manifest(tmp: Path, tokenizer: Tokenizer, data: DataConfig, files: list[SourceFile], fp: str) -> dict:
-    splits, skipped = {}, []
-    for split in ("train", "val", "bad"):
-        shards = []
-        for f in sorted((tmp / f"split={split}").glob("*.parquet")):
-            if split == "bad":
-                t = pq.read_table(f, columns=["bad", "bad_records"]).to_pydict()
-                skipped += [Skipped(what, n) for what, n in zip(t["bad"], t["bad_records"]) if what]
-                continue
-            pf = pq.ParquetFile(f)
-            units = [int(pa.compute.sum(pf.read_row_group(g, columns=["n_tokens"]).column(0)).as_py() or 0)
-                     for g in range(pf.num_row_groups)]
-            shards.append({"path": str(f.relative_to(tmp)), "rows": pf.metadata.num_rows, "tokens": sum(units),
-                           "units": units, "sha256": hashlib.sha256(f.read_bytes()).hexdigest()})
-        if split != "bad":
-            splits[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
-    shutil.rmtree(tmp / "split=bad", ignore_errors=True)
-    return {"format": "raygpt-prepared", "format_version": FORMAT_VERSION, "fingerprint": fp,
-            "source": data.source, "files": len(files), "tokenizer": tokenizer.kind,
-            "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id, "settings": asdict(data),
-            "splits": splits, "skipped": sorted(skipped, key=lambda s: s.what)}
 
 
 def load_manifest(folder: str | Path) -> dict:

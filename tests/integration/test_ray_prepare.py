@@ -76,7 +76,9 @@ def test_prepare_is_idempotent_and_notices_changes(ray_cluster, tmp_path):
     assert load_manifest(uri)["splits"]["train"]["tokens"] > 0
 
 
-def test_bpe_and_globs(ray_cluster, tmp_path):
+def test_bpe_and_globs(ray_cluster, tmp_path, monkeypatch):
+    from raygpt.data import pipeline
+
     root = corpus(tmp_path)
     out = prepare(cfg_for(tmp_path, f"{root}/sub/*.txt", "data.tokenizer=bpe", "data.bpe_vocab_size=300").data,
                   print_fn=lambda s: None)
@@ -84,6 +86,13 @@ def test_bpe_and_globs(ray_cluster, tmp_path):
     assert m["tokenizer"] == "bpe" and 257 < m["vocab_size"] <= 300 and m["files"] == 30
     tok = prepared_tokenizer(out)
     assert "quick brown fox" in tok.decode(read_ids(out, "train"))
+    # BPE trains on a seeded sample of the files (here a third of them): the same one every time.
+    monkeypatch.setattr(pipeline, "BPE_SAMPLE_BYTES", sum(f.stat().st_size for f in (root / "sub").iterdir()) // 3)
+    again = [prepare(cfg_for(tmp_path, f"{root}/sub/*.txt", "data.tokenizer=bpe", "data.bpe_vocab_size=300",
+                             f"data.prepared_dir={tmp_path / name}").data, print_fn=lambda s: None) for name in "ab"]
+    assert again[0].name != out.name  # another sample size is another fingerprint
+    assert (again[0] / "tokenizer.json").read_text() == (again[1] / "tokenizer.json").read_text()
+    assert load_manifest(again[0])["splits"] == load_manifest(again[1])["splits"]  # shards to the sha256
 
 
 def test_bad_input_fails_before_work_and_leaves_nothing(ray_cluster, tmp_path):
@@ -99,6 +108,18 @@ def test_bad_input_fails_before_work_and_leaves_nothing(ray_cluster, tmp_path):
     one.write_text("a single document " * 50)
     with pytest.raises(ValueError, match="val split is empty.*data.split=tail"):
         prepare(cfg_for(tmp_path, one, "data.val_fraction=0.01").data, print_fn=lambda s: None)
+    (tmp_path / "records").mkdir()
+    pq.write_table(pa.table({"body": ["no text column"]}), tmp_path / "records" / "r.parquet")
+    with pytest.raises(PrepareError, match=r"^r.parquet: no field 'text' in the records \(fields: body\); set "
+                                           r"data.text_field$"):
+        prepare(cfg_for(tmp_path, tmp_path / "records").data, print_fn=lambda s: None)
+    # A char tokenizer given by path that lacks a character of the corpus: found in a Ray task, said in one line.
+    from raygpt.tokenizer import train_tokenizer
+
+    train_tokenizer("char", ["abcdefghijklmnopqrstuvwxyz 0123456789\n"]).save(tmp_path / "tok")  # no ':'
+    with pytest.raises(ValueError, match=r"^character ':' \(U\+003A\) at position \d+ is not in the char vocabulary"):
+        prepare(cfg_for(tmp_path, root / "sub", f"data.tokenizer_path={tmp_path / 'tok' / 'tokenizer.json'}").data,
+                print_fn=lambda s: None)
     leftovers = [p.name for p in (tmp_path / "prepared").iterdir()] if (tmp_path / "prepared").exists() else []
     assert leftovers == []  # no half-written folder, temporary or otherwise
 
@@ -161,17 +182,20 @@ def test_prepare_removes_what_interrupted_prepares_left(ray_cluster, tmp_path):
     assert not dead.exists() and live.exists() and (out / "manifest.json").is_file()
 
 
-def test_the_val_batches_are_the_same_for_ray_and_local(ray_cluster, tmp_path):
+def test_the_val_batches_are_the_same_for_ray_and_local(ray_cluster, tmp_path, monkeypatch):
     """Ray's prepare writes the val split in the sources' order, so the fixed val batches a Ray worker
     draws (from its in-order stream of val units) are the ones the local loop draws from its val array."""
     from raygpt.data.corpus import prepare_arrays
     from raygpt.data.pipeline import read_units, split_units
     from raygpt.data.windows import fixed_batches
 
+    from raygpt.data import pipeline
+
     root = tmp_path / "many"
     root.mkdir()
-    for i in range(80):  # many files: many read tasks and tokenize batches, whose order Ray Data may change
+    for i in range(80):  # many files in many groups (tasks), which may finish in any order
         (root / f"f{i:03d}.py").write_text(f"def f{i}(x):\n" + f"    return x * {i} + {i % 7}  # line\n" * (3 + i % 11))
+    monkeypatch.setattr(pipeline, "GROUP_BYTES", 1500)
     cfg = cfg_for(tmp_path, root, "data.val_fraction=0.3")
     prepared = prepare(cfg.data, print_fn=lambda s: None)
     ray_tok, val_units = prepared_tokenizer(prepared), split_units(prepared, "val")

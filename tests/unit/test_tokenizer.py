@@ -67,6 +67,26 @@ def test_char_encode_array_matches_encode():
     assert tok.encode_array("").shape == (0,)
 
 
+def test_characters_is_the_set_of_characters():
+    from raygpt.tokenizer import characters
+
+    rng = random.Random(0)
+    texts = ["", "abc", UNICODE_TEXT, CHAR_CORPUS * 50, "日本語" * 3000 + "late ascii", "lone \ud800 surrogate",
+             "".join(chr(rng.randint(0, 700)) for _ in range(20_000))]
+    for text in texts:
+        assert characters([text]) == set(text)
+    assert characters(texts) == set("".join(texts))
+
+
+def test_char_encode_array_on_non_ascii_text():
+    tok = train_tokenizer("char", [UNICODE_TEXT + "abc"])
+    assert tok.encode_array(UNICODE_TEXT).tolist() == [tok.chars.index(c) for c in UNICODE_TEXT]
+    with pytest.raises(ValueError, match=r"'\?' \(U\+003F\) at position 3 is not in the char vocabulary"):
+        tok.encode("日本語?")
+    with pytest.raises(ValueError, match=r"U\+1F600\) at position 1"):  # past the largest code point it knows
+        tok.encode("a\U0001F600")
+
+
 def test_char_unknown_character_error():
     tok = train_tokenizer("char", ["abc abc"])
     with pytest.raises(ValueError) as info:
@@ -133,6 +153,15 @@ def test_bpe_encode_array_matches_encode_across_chunks(bpe, monkeypatch):
     assert arr.dtype == np.int32
     assert arr.tolist() == bpe.encode(text)
     assert bpe.decode(arr) == text
+
+
+def test_bpe_encode_batch_matches_encode_across_pieces_and_calls(bpe, monkeypatch):
+    monkeypatch.setattr(tok_mod, "_BPE_CHUNK_CHARS", 50)  # texts cut into pieces
+    monkeypatch.setattr(tok_mod, "_BPE_BATCH_CHARS", 300)  # and HF called many times, pieces of one text apart
+    texts = _bpe_corpus(40, seed=3) + ["", "x"]
+    arrays = bpe.encode_batch(texts)
+    assert [a.tolist() for a in arrays] == [bpe.encode(t) for t in texts]
+    assert all(a.dtype == np.int32 for a in arrays) and bpe.encode_batch([]) == []
 
 
 def test_bpe_vocab_size_validation():
