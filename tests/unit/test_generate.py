@@ -1,8 +1,10 @@
 import pytest
 import torch
 
+from raygpt.config import ModelConfig
 from raygpt.generate import (TextGenerator, TextStream, filter_top_k, filter_top_p, generate_batch, generate_tokens,
-                             load, sample_next)
+                             load, sample_next, sample_rows)
+from raygpt.model import GPT
 from raygpt.tokenizer import BytesTokenizer
 from raygpt.local import train_local
 
@@ -44,6 +46,46 @@ def test_top_p_keeps_the_smallest_set_reaching_p():
 def test_temperature_zero_is_greedy():
     logits = torch.tensor([[0.1, 2.0, 0.3], [5.0, 0.0, 1.0]])
     assert sample_next(logits, 0.0).tolist() == [1, 0]
+
+
+def test_a_batch_draws_what_each_row_draws_alone():
+    """sample_rows filters rows that share settings together and reads the ids once, but each row's id is
+    the one sample_next draws for that row alone from its own generator, draw after draw."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3
+    per_row = [dict(temperature=0.8, top_k=20, top_p=None)] * 5  # shared settings: filtered in one go
+    mixed = [dict(temperature=t, top_k=k, top_p=p) for t, k, p in
+             ((0.8, 20, None), (0, None, None), (1.0, None, 0.9), (1.3, 5, 0.5), (0.8, 20, None))]
+    for rows in (per_row, mixed):
+        gens = [torch.Generator().manual_seed(i) for i in range(5)]
+        alone = [torch.Generator().manual_seed(i) for i in range(5)]
+        for _ in range(20):
+            ids = sample_rows(logits, [r["temperature"] for r in rows], [r["top_k"] for r in rows],
+                              [r["top_p"] for r in rows], gens)
+            assert ids == [int(sample_next(logits[i:i + 1], **r, generator=g))
+                           for i, (r, g) in enumerate(zip(rows, alone))]
+    assert sample_rows(logits, [0] * 5, [None] * 5, [None] * 5, [None] * 5) == logits.argmax(-1).tolist()
+
+
+def test_past_block_size_each_token_is_the_recompute_of_the_window_the_cache_holds():
+    """When the cache is full the window slides: it is refilled from the last 3/4 block and grows again
+    one token at a time. Every cached greedy token equals a full recompute over exactly that window."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)).eval()
+    block, keep = 16, 12
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10]]  # the short row's first slide drops only its padding
+    out = [[] for _ in prompts]
+    for step in generate_batch(model, prompts, 3 * block, temperature=0):
+        for row, t in step:
+            out[row].append(t)
+    for prompt, ids in zip(prompts, out):
+        tokens, context = list(prompt), len(prompt)
+        for t in ids:
+            with torch.no_grad():
+                logits, _ = model(torch.tensor([tokens[-context:]]))
+            assert t == int(logits[0, -1].argmax())
+            tokens.append(t)
+            context = context + 1 if context < block else keep
+        assert len(ids) == 3 * block
 
 
 def test_generate_strings_lists_streams_and_seeds(trained):
