@@ -71,7 +71,7 @@ def run(mode: str, threads: int, steps: int, out: Path, repeat: int) -> tuple[fl
            f"train.eval_interval={steps}", f"train.out_dir={out}", f"train.run_name={name}",
            f"data.prepared_dir={out}/data"]
     cmd += ["--local", f"train.threads={threads}"] if mode == "core" else \
-        ["ray.num_workers=1", "ray.cpus_per_worker=2", f"ray.threads_per_worker={threads}"]
+        ["ray.num_workers=1", "ray.local_mode=false", "ray.cpus_per_worker=2", f"ray.threads_per_worker={threads}"]
     times, marks = [], []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
                           env={**os.environ, **local_cluster_env(str(out))}) as proc:

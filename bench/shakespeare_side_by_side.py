@@ -8,10 +8,12 @@ lr 1e-3 warming up 100 steps then cosine to 1e-4, AdamW (0.9, 0.99), weight deca
 
 1. plain: nanoGPT's loop written out here with torch alone (random windows from one tensor, AdamW), on
    raygpt's model class so both sides train the same network; no Ray, in this process.
-2. raygpt: `python jobs/train.py configs/shakespeare_char.yaml ...` with one TorchTrainer worker (a local
-   Ray cluster, Ray Data prepare, shards streamed through the per-worker iterator), in a subprocess;
-3. the same with ray.num_workers=0: Ray Train's local mode, the train function in the driver (the same local
-   cluster, prepare and data stream; no worker group).
+2. raygpt: `python jobs/train.py configs/shakespeare_char.yaml ...` with one TorchTrainer worker
+   (ray.local_mode=false: a local Ray cluster, prepare in Ray tasks, shards streamed through Ray Data to the
+   worker), in a subprocess;
+3. the same in local mode (what `jobs/train.py` does by default for one worker on a cluster it starts): the
+   train function in the driver, reading its stream in-process (the same local cluster and prepare; no
+   worker group).
 
 Both final models are then scored on the same thing: every non-overlapping block of the val text. Step
 times are medians of steady-state steps (evals excluded). Skips cleanly (exit 0) when the text is absent.
@@ -91,7 +93,8 @@ def raygpt_run(path: Path, out: Path, workers: int = 1) -> tuple[raygpt.generate
            f"model.n_layer={N_LAYER}", f"model.n_head={N_HEAD}", f"model.n_embd={N_EMBD}", f"model.block_size={BLOCK}",
            "model.dropout=0.0", f"train.batch_size={BATCH}", f"train.max_steps={STEPS}", "train.eval_interval=500",
            "train.eval_steps=20", "train.log_interval=50", "train.checkpoint_interval=2000", "train.precision=fp32",
-           f"train.seed={SEED}", f"ray.num_workers={workers}", "sample.num_samples=1", "sample.max_new_tokens=100"]
+           f"train.seed={SEED}", f"ray.num_workers={workers}", f"ray.local_mode={'false' if workers else 'true'}",
+           "sample.num_samples=1", "sample.max_new_tokens=100"]
     lines = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=out,
                           env={**os.environ, **local_cluster_env(str(out))}) as proc:

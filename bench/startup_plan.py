@@ -44,7 +44,7 @@ def run(max_steps: int, workers: int, work: Path) -> dict:
     name = f"plan-{max_steps}"
     args = [sys.executable, str(ROOT / "jobs/train.py"), *MODEL, f"train.max_steps={max_steps}",
             f"train.eval_interval={max_steps}", f"train.checkpoint_interval={max_steps}",
-            f"ray.num_workers={workers}", f"train.run_name={name}", f"train.out_dir={work / 'runs'}",
+            f"ray.num_workers={workers}", "ray.local_mode=false", f"train.run_name={name}", f"train.out_dir={work / 'runs'}",
             f"data.prepared_dir={work / 'data'}"]
     env = {**os.environ, **local_cluster_env(str(work / "ray")), "PYTHONUNBUFFERED": "1"}
     (work / "ray").mkdir(exist_ok=True)

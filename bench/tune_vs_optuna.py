@@ -46,8 +46,13 @@ def run_tune(config: str, samples: int, out: Path) -> dict:
     wall = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(proc.stdout[-3000:] + proc.stderr[-3000:])
+    (out.parent / "tune_vs_optuna.tune.log").write_text(proc.stdout + proc.stderr)  # beside the temp folder
     with open(out / "runs/tune/bench/trials.csv") as f:
         rows = list(csv.DictReader(f))
+    for r in rows:
+        if not r["val_loss"]:
+            print(f"trial {r['trial']}: no val loss ({r['stopped']})")
+    rows = [r for r in rows if r["val_loss"]]
     times = [(float(a), float(b)) for a, b in TRIAL_LINE.findall(proc.stdout)]
     concurrent = int(re.search(r"up to (\d+) at once", proc.stdout)[1])
     return {"wall": wall, "trials": len(rows), "pruned": sum(r["stopped"] != "finished" for r in rows),

@@ -46,6 +46,7 @@ KEYS = {
     "optim.lr": "peak learning rate",
     "optim.warmup_steps": "linear warmup steps before the cosine decay",
     "ray.num_workers": "Ray Train workers (0: Ray Train's local mode in the driver)",
+    "ray.local_mode": "none (auto): one worker on a cluster the command starts trains in this process; false: a worker",
     "ray.strategy": "ddp (each worker holds the whole model) or fsdp (each holds 1/N: FSDP2)",
     "ray.fsdp_shard_size": "fsdp: workers per sharded copy (none: all; fewer: HSDP)",
     "train.activation_checkpointing": "recompute each block in backward (less memory)",

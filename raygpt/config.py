@@ -107,6 +107,11 @@ class TrainConfig:
 class RayConfig:
     # 0 runs Ray Train's local mode: the train function in the driver process, no worker actors.
     num_workers: int = 1
+    # One worker on a Ray cluster this command started for itself (no RAY_ADDRESS) trains in this process, in
+    # local mode: no worker group to start, and no Ray Train actors waking beside the step. None (auto): so;
+    # false: a TorchTrainer worker all the same (the run then shows in the dashboard's Train view); true: local
+    # mode on any cluster (as ray.num_workers=0).
+    local_mode: Optional[bool] = None
     # ddp: every worker holds the whole model, its gradients and optimizer state. fsdp: each holds 1/N of
     # them (FSDP2, one unit per transformer block), gathered block by block as the step needs them.
     strategy: Literal["ddp", "fsdp"] = "ddp"
@@ -394,10 +399,15 @@ def validate(cfg: Config) -> None:
                           f"file://): every node of the cluster resolves it")
     if r.num_workers < 0 or r.max_failures < 0 or r.prefetch_batches < 0:
         raise ConfigError("ray.num_workers, ray.max_failures and ray.prefetch_batches must not be negative")
+    if r.local_mode is not None and not isinstance(r.local_mode, bool):
+        raise ConfigError(f"ray.local_mode must be true, false or null (auto), got {r.local_mode!r}")
+    if r.local_mode and r.num_workers > 1:
+        raise ConfigError(f"ray.local_mode=true trains in this process, one worker; ray.num_workers={r.num_workers} "
+                          f"needs a worker group: set one of them")
     if r.fail_at_step is not None:
         if not 1 <= r.fail_at_step <= t.max_steps:
             raise ConfigError(f"ray.fail_at_step={r.fail_at_step} must be between 1 and train.max_steps={t.max_steps}")
-        if r.num_workers == 0:
+        if r.num_workers == 0 or r.local_mode:
             raise ConfigError("ray.fail_at_step needs Ray Train workers (ray.num_workers >= 1): in local mode "
                               "the worker is this process, and it would end it")
         if not 0 <= r.fail_rank < r.num_workers:
@@ -413,7 +423,7 @@ def validate(cfg: Config) -> None:
         if max(1, r.num_workers) % r.fsdp_shard_size:
             raise ConfigError(f"ray.fsdp_shard_size={r.fsdp_shard_size} does not divide ray.num_workers="
                               f"{r.num_workers}: each group of that many workers holds one sharded copy")
-    if r.strategy == "fsdp" and r.num_workers == 0:
+    if r.strategy == "fsdp" and (r.num_workers == 0 or r.local_mode):
         raise ConfigError("ray.strategy=fsdp needs Ray Train workers (ray.num_workers >= 1): local mode runs one "
                           "process without a process group to shard over")
     if cfg.finetune.method == "lora":

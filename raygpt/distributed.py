@@ -159,6 +159,7 @@ def train_func(config: dict, session: TrainSession | None = None) -> None:
     tokenizer = prepared_tokenizer(config["prepared"])
     session = session or TrainSession()
     rank, world, device = session.rank, session.world, session.device
+    local = cfg.ray.num_workers == 0  # no worker group: this process writes its checkpoints itself
     torch.set_num_threads(cfg.ray.threads_per_worker or max(1, int(cfg.ray.cpus_per_worker)))
     if cfg.ray.strategy == "fsdp" and resolve_precision(cfg.train.precision, device) == "fp16":
         # fp16 needs a sharded GradScaler, which raygpt does not use: on GPUs without bf16 (precision=auto
@@ -187,7 +188,7 @@ def train_func(config: dict, session: TrainSession | None = None) -> None:
     # line per trial there, and lines from trials running side by side would interleave).
     say = (lambda s: None) if config.get("quiet") else (lambda s: print(s, flush=True))
     if rank == 0:
-        say(f"train: {world} worker(s) on {device} {t.precision}"
+        say(f"train: {'this process (local mode)' if local else f'{world} worker(s)'} on {device} {t.precision}"
             + (f", fsdp ({mesh_text(cfg, world)})" if fsdp else "")
             + (f", resuming at step {t.state.step}" if resume is not None else ""))
         if t.note:
@@ -199,7 +200,6 @@ def train_func(config: dict, session: TrainSession | None = None) -> None:
 
     tracker = WandbLogger(cfg, config["run_path"]) if rank == 0 and cfg.logging.wandb else None
     gauges = RayMetrics(cfg.train.run_name, rank)  # Prometheus/Grafana, through Ray's metrics export
-    local = cfg.ray.num_workers == 0  # no worker group: this process writes its checkpoints itself
 
     def report(metrics: dict, state, checkpoint: bool) -> None:
         # Every worker calls ray.train.report the same number of times (it is a barrier) and sets its own
@@ -298,15 +298,16 @@ for _name in ("ray.data._internal.execution.streaming_executor", "ray.data.datas
     logging.getLogger(_name).addFilter(_off_console)
 
 
-def connect(print_fn=None) -> None:
+def connect(print_fn=None) -> bool:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`; `RAY_ADDRESS=auto` joins the one a
     `ray start` left on this machine) or start a fresh local one for this process: never join a cluster
-    by accident. ``print_fn`` gets one line saying which, and where its dashboard is."""
+    by accident. ``print_fn`` gets one line saying which, and where its dashboard is. True when it started
+    a cluster of this process's own."""
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     if ray.is_initialized():
-        return
+        return False
     address = os.environ.get("RAY_ADDRESS") or "local"
     env, options = dict(QUIET), {}
     # Ray Train's own actors (its placement-group cleaner, its run-state actor) look the cluster up through
@@ -334,6 +335,7 @@ def connect(print_fn=None) -> None:
         where = "started a local Ray cluster for this run" if address == "local" else f"joined the Ray cluster at {address}"
         dashboard = f"http://{info.dashboard_url}" if info.dashboard_url else "none (started without one)"
         print_fn(f"ray: {where}; dashboard {dashboard} (Jobs, Train runs, Actors, Metrics)")
+    return address == "local"
 
 
 def _drop_worker_exit_noise() -> None:
@@ -348,10 +350,12 @@ def _drop_worker_exit_noise() -> None:
     except (ImportError, AttributeError):
         return
 
+    noise = ExitNoise()
+
     def quiet(handler):
         def handle(data):
-            if data.get("is_err") and any("sigterm_handler" in line for line in data.get("lines", ())):
-                data = dict(data, lines=without_sigterm_tracebacks(data["lines"]))
+            if data.get("is_err"):
+                data = dict(data, lines=noise.filter(data.get("pid"), data.get("lines", [])))
                 if not data["lines"]:
                     return
             handler(data)
@@ -362,22 +366,61 @@ def _drop_worker_exit_noise() -> None:
         dispatcher.handlers = [(name, h if getattr(h, "raygpt_quiet", False) else quiet(h)) for name, h in handlers]
 
 
-def without_sigterm_tracebacks(lines: list[str]) -> list[str]:
-    """``lines`` less every traceback block ("Exception ignored in" / "Traceback ..." to its "SystemExit"
-    line) that passes through Ray's SIGTERM handler."""
-    out, block = [], None
-    for line in lines:
-        if block is None and (line.startswith("Exception ignored in") or line.startswith("Traceback (most recent call last)")):
-            block = [line]
-        elif block is not None:
-            block.append(line)
-            if line.startswith("SystemExit"):
-                if not any("sigterm_handler" in b for b in block):
-                    out += block
-                block = None
-        else:
-            out.append(line)
-    return out + (block or [])
+class ExitNoise:
+    """Drops from the stderr lines Ray forwards, process by process, every traceback block ("Exception
+    ignored in" / "Traceback ..." to its "SystemExit" line) that passes through Ray's SIGTERM handler, and
+    nothing else. Ray forwards what a log file holds when it looks, so a block can come split over two
+    batches: one that opens with the WeakSet finalizer Python runs at exit (where the SIGTERM lands) is
+    dropped to its SystemExit line wherever that comes; any other block unfinished at a batch's end is kept."""
+
+    WEAKSET = "Exception ignored in: <function WeakSet.__init__.<locals>._remove"
+
+    def __init__(self):
+        self.dropping: set = set()  # processes inside a WeakSet exit traceback
+
+    def filter(self, pid, lines: list[str]) -> list[str]:
+        out, block = [], None
+        for line in lines:
+            if pid in self.dropping:
+                if line.startswith("SystemExit"):
+                    self.dropping.discard(pid)
+                    continue
+                if not line.strip() or line.startswith((" ", "Traceback", "File")):
+                    continue
+                self.dropping.discard(pid)  # not a traceback line: the block ended without its last line
+            if block is None and line.startswith(self.WEAKSET):
+                block = [line]
+            elif block is None and line.startswith(("Exception ignored in", "Traceback (most recent call last)")):
+                block = [line]
+            elif block is not None:
+                block.append(line)
+                if line.startswith("SystemExit"):
+                    if not any("sigterm_handler" in b for b in block):
+                        out += block
+                    block = None
+            else:
+                out.append(line)
+        if block is not None and block[0].startswith(self.WEAKSET):
+            self.dropping.add(pid)  # the rest comes in the next batch
+            block = None
+        return out + (block or [])
+
+
+def resolve_local_mode(cfg: Config, own_cluster: bool, print_fn=print) -> Config:
+    """ray.local_mode: true, or None (auto) for one DDP worker on a cluster this command started for itself,
+    makes the run train in this process (ray.num_workers=0, Ray Train's local mode). A TorchTrainer worker
+    there costs a worker group's start (controller, placement group, worker: 7-10 s on 2 cores) and, on a
+    small machine, 8-19% of every step to Ray Train's actors waking beside it (bench/RESULTS.md), and buys
+    nothing for one worker on one machine. Fault injection (ray.fail_at_step) needs a worker to kill."""
+    r = cfg.ray
+    auto = (r.local_mode is None and own_cluster and r.num_workers == 1 and r.strategy == "ddp"
+            and r.fail_at_step is None)
+    if r.num_workers == 1 and (r.local_mode or auto):
+        cfg.ray = dataclasses.replace(r, num_workers=0)
+        if auto:
+            print_fn("train: one worker on a cluster of its own: it trains in this process (Ray Train's local mode, "
+                     "no worker group; ray.local_mode=false for a TorchTrainer worker, in the dashboard's Train view)")
+    return cfg
 
 
 def resolve_cpus(cfg: Config) -> Config:
@@ -439,7 +482,7 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     check_writable(cfg.ray.storage_path or cfg.train.out_dir,
                    "ray.storage_path" if cfg.ray.storage_path else "train.out_dir")
     cfg = apply_init_from(cfg, print_fn)  # the pretrained model's shape and tokenizer, before the data
-    connect(print_fn)
+    own_cluster = connect(print_fn)
     clock["ray"] = time.time()
     prepared = prepare(cfg.data, print_fn)
     clock["data"] = time.time()
@@ -448,6 +491,7 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     cfg = with_vocab(cfg, tokenizer)
     check_sample_prompt(cfg, tokenizer)
     use_gpu = wants_gpu(cfg)
+    cfg = resolve_local_mode(cfg, own_cluster, print_fn)
     cfg = resolve_cpus(cfg)
     check_resources(cfg, use_gpu)
     if cfg.ray.strategy == "fsdp" and not hasattr(importlib.import_module("torch.distributed.fsdp"), "fully_shard"):

@@ -10,6 +10,8 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from raygpt.metrics import FIGURES, GRAFANA_DASHBOARD, RANK, RUN
 
 from tests.integration.conftest import ENV, get, train_run, wait_for
@@ -66,14 +68,17 @@ def test_the_dashboard_lists_the_run_and_prometheus_gets_its_figures(ray_cluster
     assert "Traceback" not in said, said[-3000:]
 
 
-def test_the_local_cluster_of_jobs_train_shows_the_run_too(ray_cluster, tmp_path):
-    """Without RAY_ADDRESS, `python jobs/train.py` starts a cluster of its own, says where its dashboard is,
-    and the run is listed there with its worker while it trains. Every line it prints is raygpt's: none of
-    Ray's own warnings, errors or tracebacks, though another Ray cluster (the session's) runs on the machine,
-    which Ray's own actors used to trip over."""
+@pytest.mark.parametrize("local_mode", ["auto", "false"])
+def test_the_local_cluster_of_jobs_train_shows_the_run_too(ray_cluster, tmp_path, local_mode):
+    """Without RAY_ADDRESS, `python jobs/train.py` starts a cluster of its own and says where its dashboard is.
+    Its one worker trains in the driver (local mode, no worker group): the dashboard answers while it trains,
+    and the run's figures reach that cluster's Prometheus endpoint. With ray.local_mode=false it is a
+    TorchTrainer worker, and the run is listed in the Train view with its worker. Every line it prints is
+    raygpt's: none of Ray's own warnings, errors or tracebacks, though another Ray cluster (the session's)
+    runs on the machine, which Ray's own actors used to trip over."""
     cmd = [sys.executable, "jobs/train.py", *TINY, "train.run_name=alone", "train.max_steps=100000",
            "train.checkpoint_interval=100000", "train.log_interval=1", "sample.eval_tokens=0", f"train.out_dir={tmp_path / 'runs'}",
-           f"data.prepared_dir={tmp_path / 'prepared'}"]
+           f"data.prepared_dir={tmp_path / 'prepared'}", *(["ray.local_mode=false"] if local_mode == "false" else [])]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = tmp_path / "driver.log"
     with open(log, "w") as out:
@@ -92,9 +97,20 @@ def test_the_local_cluster_of_jobs_train_shows_the_run_too(ray_cluster, tmp_path
             run = train_run(url, "alone")
             return run if run and run["status"] == "RUNNING" and run.get("attempts") else None
 
-        run = wait_for(running, 300, "the run RUNNING in the Train view")
-        assert [w["world_rank"] for w in run["attempts"][-1]["workers"]] == [0]
+        if local_mode == "false":
+            run = wait_for(running, 300, "the run RUNNING in the Train view")
+            assert [w["world_rank"] for w in run["attempts"][-1]["workers"]] == [0]
         wait_for(lambda: re.search(r"^step +4/", log.read_text(), re.M), 300, "a few steps")
+        if local_mode == "auto":
+            assert "it trains in this process (Ray Train's local mode" in log.read_text()
+            assert re.search(r"^train: this process \(local mode\) on cpu", log.read_text(), re.M)
+            assert json.loads(get(f"{url}/api/version"))["ray_version"]  # the dashboard answers
+            assert train_run(url, "alone") is None  # no worker group, no Train run
+            # The driver's figures reach the cluster's Prometheus endpoint (the dashboard's Metrics view).
+            node = json.loads(get(f"{url}/nodes?view=summary"))["data"]["summary"][0]
+            metrics = f"http://{node['raylet']['nodeManagerAddress']}:{node['raylet']['metricsExportPort']}/metrics"
+            loss = f"ray_{FIGURES['loss'][0]}"
+            wait_for(lambda: series(metrics, "alone").get(loss) == {"0"}, 120, "the run's loss in Prometheus")
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=180)
     finally:

@@ -92,6 +92,10 @@ def test_grad_accum_keeps_global_batch_for_any_worker_count():
     (["ray.fail_at_step=5", "ray.storage_path=s3://bucket/runs"], "needs a local ray.storage_path"),
     (["ray.fail_in=disk"], "ray.fail_in"),
     (["ray.fail_at_step=5", "ray.num_workers=0"], "needs Ray Train workers"),
+    (["ray.fail_at_step=5", "ray.local_mode=true"], "needs Ray Train workers"),
+    (["ray.local_mode=true", "ray.num_workers=2"], "ray.local_mode=true trains in this process, one worker"),
+    (["ray.local_mode=true", "ray.strategy=fsdp"], "ray.strategy=fsdp needs Ray Train workers"),
+    (["ray.local_mode=sometimes"], "ray.local_mode"),
     (["sample.eval_tokens=-1"], "sample.eval_tokens=-1 must not be negative"),
 ])
 def test_fault_injection_and_eval_sample_settings_are_checked(over, message):

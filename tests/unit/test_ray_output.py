@@ -2,7 +2,7 @@
 
 import logging
 
-from raygpt.distributed import NO_CPU_WARNING, without_sigterm_tracebacks
+from raygpt.distributed import NO_CPU_WARNING, ExitNoise
 
 EXIT_NOISE = [
     "Exception ignored in: <function WeakSet.__init__.<locals>._remove at 0x7f3a2c1b9e40>",
@@ -17,10 +17,21 @@ EXIT_NOISE = [
 def test_only_tracebacks_through_rays_sigterm_handler_are_dropped():
     other = ["Traceback (most recent call last):", '  File "train.py", line 3, in f', "SystemExit: 2"]
     lines = ["before", *EXIT_NOISE, "between", *other, "after"]
-    assert without_sigterm_tracebacks(lines) == ["before", "between", *other, "after"]
-    assert without_sigterm_tracebacks(EXIT_NOISE) == []
-    # A block cut off before its SystemExit line is kept whole: nothing is dropped on a guess.
-    assert without_sigterm_tracebacks(EXIT_NOISE[:3]) == EXIT_NOISE[:3]
+    assert ExitNoise().filter(1, lines) == ["before", "between", *other, "after"]
+    assert ExitNoise().filter(1, EXIT_NOISE) == []
+    # A block other than the exit's WeakSet one, cut off before its SystemExit line, is kept whole.
+    cut = ["Exception ignored in: <function Foo.__del__>", *EXIT_NOISE[1:3]]
+    assert ExitNoise().filter(1, cut) == cut
+
+
+def test_the_exit_traceback_split_over_two_batches_is_dropped_and_only_for_its_process():
+    """As CI's tune run printed it: the block in two forwarded batches, a blank line at the cut."""
+    noise = ExitNoise()
+    assert noise.filter(7, ["last progress line", *EXIT_NOISE[:3], "    def _remove(item, selfref=ref(self)):"]) == [
+        "last progress line"]
+    assert noise.filter(8, ["another process's line"]) == ["another process's line"]
+    assert noise.filter(7, ["", *EXIT_NOISE[3:], "a later line"]) == ["a later line"]
+    assert noise.filter(7, ["Traceback (most recent call last):"]) == ["Traceback (most recent call last):"]
 
 
 def test_ray_datas_no_cpu_warning_is_hidden_from_the_console_and_nothing_else():
