@@ -10,7 +10,8 @@
    tune.grace_steps, the same reduction factor) judging the same val-loss reports (every train.eval_interval
    steps, never at the last step, as ASHA's max_t = max_steps - 1), the same N trials and train.max_steps;
    each trial is raygpt's in-process loop (train_local, the `--local` path) on the text tokenized once,
-   trials one after another with torch using every core.
+   trials one after another with torch using every core; then the same with two trials at once (Optuna's
+   n_jobs=2, threads in one process) and one torch thread each, as Tune's trials run.
 Prints, for each: wall time, trials pruned, steps run, best val loss, trial start-up median, and the share of
 the wall time spent training (sum of the trials' training time / (wall x trials at once)). Asserts nothing.
 """
@@ -61,7 +62,9 @@ def run_tune(config: str, samples: int, out: Path) -> dict:
             "lines": len(times)}
 
 
-def run_optuna(config: str, samples: int, out: Path) -> dict:
+def run_optuna(config: str, samples: int, out: Path, jobs: int = 1) -> dict:
+    """Optuna alone in this process; ``jobs`` trials at once (Optuna's threads), each with cores / jobs torch
+    threads (torch's thread count is per process: with 2 at once, 1 thread each, as Tune's trials have)."""
     import optuna
     import torch
 
@@ -72,7 +75,7 @@ def run_optuna(config: str, samples: int, out: Path) -> dict:
     t0 = time.perf_counter()
     base, settings = load_tune_config(config, [f"train.out_dir={out}/optuna", f"data.prepared_dir={out}/prepared"])
     base.logging.wandb = False
-    base.train.threads = os.cpu_count()
+    base.train.threads = max(1, (os.cpu_count() or 1) // jobs)
     arrays = prepare_arrays(base.data, None, print_fn=lambda s: None)  # once, as Tune prepares once
     max_steps = base.train.max_steps
     trials: list[dict] = []
@@ -89,7 +92,7 @@ def run_optuna(config: str, samples: int, out: Path) -> dict:
     def objective(trial) -> float:
         params = {key: suggest(trial, key, kind, args) for key, (kind, args) in settings.space.items()}
         cfg = trial_config(base, settings, params)
-        cfg.train.run_name = f"trial-{trial.number}"
+        cfg.train.run_name = f"trial-{jobs}-{trial.number}"
         start, seen = time.time(), {"steps": 0, "training": 0.0}
         trials.append(seen)
 
@@ -109,12 +112,12 @@ def run_optuna(config: str, samples: int, out: Path) -> dict:
                                 pruner=optuna.pruners.SuccessiveHalvingPruner(
                                     min_resource=settings.grace_steps or base.train.eval_interval,
                                     reduction_factor=settings.reduction_factor))
-    study.optimize(objective, n_trials=samples)
+    study.optimize(objective, n_trials=samples, n_jobs=jobs)
     wall = time.perf_counter() - t0
     pruned = sum(t.state == optuna.trial.TrialState.PRUNED for t in study.trials)
     return {"wall": wall, "trials": len(study.trials), "pruned": pruned, "steps": sum(t["steps"] for t in trials),
             "best": study.best_value, "startup": [t["startup"] for t in trials if "startup" in t],
-            "training": [t["training"] for t in trials], "concurrent": 1, "threads": torch.get_num_threads()}
+            "training": [t["training"] for t in trials], "concurrent": jobs, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -129,14 +132,15 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tune = run_tune(a.config, a.samples, Path(tmp))
         alone = run_optuna(a.config, a.samples, Path(tmp))
+        pair = run_optuna(a.config, a.samples, Path(tmp), jobs=2)
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
                platform.processor())
     print(f"\nTune against Optuna alone: {cpu}, {os.cpu_count()} cores; {a.config}, {a.samples} trials; "
           f"Ray {ray.__version__}, Optuna {optuna.__version__}, torch {torch.__version__}")
-    print(f"{'':34}{'jobs/tune.py':>16}{'Optuna alone':>16}")
+    print(f"{'':34}{'jobs/tune.py':>16}{'Optuna alone':>16}{'Optuna, 2 at once':>20}")
 
     def row(name: str, f) -> None:
-        print(f"{name:34}{f(tune):>16}{f(alone):>16}")
+        print(f"{name:34}{f(tune):>16}{f(alone):>16}{f(pair):>20}")
 
     row("wall time", lambda r: f"{r['wall'] / 60:.2f} min")
     row("trials at once", lambda r: f"{r['concurrent']}")
@@ -145,8 +149,10 @@ def main() -> None:
     row("best val loss", lambda r: f"{r['best']:.4f}")
     row("trial start-up, median", lambda r: f"{statistics.median(r['startup']):.1f} s" if r["startup"] else "-")
     row("training share of the wall time", lambda r: f"{100 * sum(r['training']) / (r['wall'] * r['concurrent']):.0f}%")
-    print(f"\nwall time, jobs/tune.py / Optuna alone: {tune['wall'] / alone['wall']:.2f}x (target: 1.3x or less); "
-          f"Optuna alone ran with {alone['threads']} torch threads, Tune's trials with 1 each")
+    row("wall time per step run", lambda r: f"{1000 * r['wall'] / r['steps']:.0f} ms")
+    print(f"\nwall time, jobs/tune.py / Optuna alone: {tune['wall'] / alone['wall']:.2f}x (target: 1.3x or less), "
+          f"/ Optuna 2 at once: {tune['wall'] / pair['wall']:.2f}x; Optuna alone ran with {alone['threads']} torch "
+          f"threads, Optuna 2 at once and Tune's trials with 1 each")
     if tune["lines"] != tune["trials"]:
         print(f"({tune['trials'] - tune['lines']} trial lines without times: resumed or failed trials)")
 
