@@ -34,6 +34,7 @@ from raygpt.tracking import WandbLogger
 from raygpt.parallel import is_sharded, shard
 from raygpt.lora import trainable_line
 from raygpt.pretrained import apply_init_from
+from raygpt.ray_output import QUIET, quiet_forwarded_output
 from raygpt.train import resolve_precision, rng_state, train_loop
 
 
@@ -267,37 +268,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # which imports this module too. The head needs nothing.
 os.environ.setdefault("RAY_TRAIN_ENABLE_STATE_TRACKING", "1")
 
-# Progress bars and per-report INFO lines drown the one progress line per log interval that rank 0 prints.
-# Ray Data's usage statistics (telemetry for Ray's developers) poll Prometheus every 10 s in every process
-# that runs a dataset (each Train worker here) and, with no Prometheus on localhost:9090, log a traceback
-# each time: raygpt turns that collection off, in the driver and, through the job's runtime env, everywhere.
-QUIET = {"RAY_DATA_DISABLE_PROGRESS_BARS": "1", "PYTHONUNBUFFERED": "1", "RAY_DATA_USAGE_DISABLED": "1"}
-for _key, _value in QUIET.items():
-    os.environ.setdefault(_key, _value)
-
-def _off_console(record: logging.LogRecord) -> bool:
-    """Ray Data prints, on a console handler of its own (past ray.init's log level), a line per finished
-    dataset and write, and that progress bars are off (raygpt turns them off); the start-up line and the
-    prepare: lines say what matters. Its console handler skips records marked ``hide``; Ray Data's log files
-    in the session directory still get them.
-
-    Also hidden: Ray Data's "no available CPUs" warning. It reads the cluster's free CPUs once, as a dataset
-    starts, and right after earlier tasks finished they can still read as 0 (the resource view lags their
-    release): a false alarm that CI caught in a run's output (then from prepare, which ran two datasets one
-    after the other). raygpt's own streams run in zero-CPU tasks, so they never wait for a CPU."""
-    if (record.levelno < logging.WARNING or record.name == "ray.data._internal.progress"
-            or str(record.msg).startswith(NO_CPU_WARNING)):
-        record.hide = True
-    return True
-
-
-NO_CPU_WARNING = "Warning: The Ray cluster currently does not have any available CPUs"
-
-
-for _name in ("ray.data._internal.execution.streaming_executor", "ray.data.dataset", "ray.data._internal.progress"):
-    logging.getLogger(_name).addFilter(_off_console)
-
-
 def connect(print_fn=None) -> bool:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`; `RAY_ADDRESS=auto` joins the one a
     `ray start` left on this machine) or start a fresh local one for this process: never join a cluster
@@ -326,7 +296,7 @@ def connect(print_fn=None) -> bool:
         env["RAY_ADDRESS"] = address
     info = ray.init(address=address, runtime_env={"env_vars": env},
                     logging_config=ray.LoggingConfig(log_level="WARNING"), **options)
-    _drop_worker_exit_noise()
+    quiet_forwarded_output()
     # Ray has no public call for the session folder; without it the Grafana dashboard is simply not added.
     node = getattr(ray._private.worker.global_worker, "node", None)
     if node is not None:
@@ -336,74 +306,6 @@ def connect(print_fn=None) -> bool:
         dashboard = f"http://{info.dashboard_url}" if info.dashboard_url else "none (started without one)"
         print_fn(f"ray: {where}; dashboard {dashboard} (Jobs, Train runs, Actors, Metrics)")
     return address == "local"
-
-
-def _drop_worker_exit_noise() -> None:
-    """A Ray worker that gets the raylet's SIGTERM while its interpreter is already exiting (a trial's or a
-    worker group's actor at its end) prints "Exception ignored in ... sigterm_handler ... SystemExit: 1", and
-    Ray forwards it to the driver's stderr: noise after a run that went well (CI caught it at the end of a
-    tune run). The driver's printer of forwarded worker output drops those tracebacks and nothing else. Ray
-    has no public hook for it; without the private one the noise simply stays."""
-    try:
-        from ray._private.ray_logging import global_worker_stdstream_dispatcher as dispatcher
-        handlers = dispatcher.handlers
-    except (ImportError, AttributeError):
-        return
-
-    noise = ExitNoise()
-
-    def quiet(handler):
-        def handle(data):
-            if data.get("is_err"):
-                data = dict(data, lines=noise.filter(data.get("pid"), data.get("lines", [])))
-                if not data["lines"]:
-                    return
-            handler(data)
-        handle.raygpt_quiet = True
-        return handle
-
-    with dispatcher._lock:
-        dispatcher.handlers = [(name, h if getattr(h, "raygpt_quiet", False) else quiet(h)) for name, h in handlers]
-
-
-class ExitNoise:
-    """Drops from the stderr lines Ray forwards, process by process, every traceback block ("Exception
-    ignored in" / "Traceback ..." to its "SystemExit" line) that passes through Ray's SIGTERM handler, and
-    nothing else. Ray forwards what a log file holds when it looks, so a block can come split over two
-    batches: one that opens with the WeakSet finalizer Python runs at exit (where the SIGTERM lands) is
-    dropped to its SystemExit line wherever that comes; any other block unfinished at a batch's end is kept."""
-
-    WEAKSET = "Exception ignored in: <function WeakSet.__init__.<locals>._remove"
-
-    def __init__(self):
-        self.dropping: set = set()  # processes inside a WeakSet exit traceback
-
-    def filter(self, pid, lines: list[str]) -> list[str]:
-        out, block = [], None
-        for line in lines:
-            if pid in self.dropping:
-                if line.startswith("SystemExit"):
-                    self.dropping.discard(pid)
-                    continue
-                if not line.strip() or line.startswith((" ", "Traceback", "File")):
-                    continue
-                self.dropping.discard(pid)  # not a traceback line: the block ended without its last line
-            if block is None and line.startswith(self.WEAKSET):
-                block = [line]
-            elif block is None and line.startswith(("Exception ignored in", "Traceback (most recent call last)")):
-                block = [line]
-            elif block is not None:
-                block.append(line)
-                if line.startswith("SystemExit"):
-                    if not any("sigterm_handler" in b for b in block):
-                        out += block
-                    block = None
-            else:
-                out.append(line)
-        if block is not None and block[0].startswith(self.WEAKSET):
-            self.dropping.add(pid)  # the rest comes in the next batch
-            block = None
-        return out + (block or [])
 
 
 def resolve_local_mode(cfg: Config, own_cluster: bool, print_fn=print) -> Config:
