@@ -82,7 +82,7 @@ class TrainConfig:
     eval_steps: int = 20
     log_interval: int = 50
     checkpoint_interval: int = 400
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the best N by val loss are kept, and the newest (Ray Train's rule, on every path)
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     # auto: bf16 on GPUs that support it, fp16 + GradScaler on older GPUs, fp32 on CPU.

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -18,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from raygpt.checkpoint import (STATE, CheckpointError, incomplete_checkpoints, is_sharded_checkpoint,
-                               latest_checkpoint, load_checkpoint,
+                               keep_best_checkpoints, latest_checkpoint, load_checkpoint,
                                load_config_of, load_shards_of, read_meta, restore_training, save_checkpoint,
                                unwrap, verify)
 from raygpt.config import Config, ConfigError
@@ -198,21 +197,14 @@ def resume_points(cfg: Config, tokenizer: Tokenizer, path: Path) -> list[TrainSt
 
 def save_run_checkpoint(path: Path, cfg: Config, tokenizer: Tokenizer, t: Training, metrics: dict,
                         data_state: dict) -> Path:
-    """Write step_NNNNNN in the run folder (the layout Ray Train writes too) and keep the newest
-    train.keep_checkpoints."""
+    """Write step_NNNNNN in the run folder (the layout Ray Train writes too) and keep what Ray Train's
+    CheckpointConfig keeps: the best train.keep_checkpoints by val loss, and the newest."""
     ckpt = save_checkpoint(path / f"step_{t.state.step:06d}", t.model, cfg, tokenizer,
                            optimizer=t.optimizer, scaler=t.scaler, train_state=t.state,
                            rng={"ranks": [rng_state(t.device)]},
                            data_state=data_state, metrics=metrics)
-    prune_checkpoints(path, cfg.train.keep_checkpoints)
+    keep_best_checkpoints(path, cfg.train.keep_checkpoints)
     return ckpt
-
-
-def prune_checkpoints(directory: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` step_* checkpoints (only complete ones count)."""
-    ckpts = sorted(p for p in directory.glob("step_*") if p.is_dir())
-    for old in ckpts[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def format_progress(m: dict, max_steps: int) -> str:

@@ -138,6 +138,21 @@ def test_resume_equals_uninterrupted(tmp_path, tiny_arrays):
     assert resumed.checkpoint.name == "step_000030"
 
 
+def test_the_local_path_keeps_the_best_checkpoints_as_ray_train_does(tmp_path, tiny_arrays):
+    """train.keep_checkpoints means the same on every path: the best N by val loss and the newest (Ray
+    Train's CheckpointConfig), not the newest N. A run resumed from a step-10 checkpoint that scored best
+    keeps it beside its newest."""
+    over = ["train.max_steps=30", "train.checkpoint_interval=10", "train.eval_interval=10", "train.keep_checkpoints=1"]
+    quiet = dict(print_fn=lambda s: None)
+    train_local(tiny_config(tmp_path, "train.run_name=a", "train.max_steps=10", *over[1:]), tiny_arrays, **quiet)
+    best = tmp_path / "b" / "step_000010"
+    shutil.copytree(tmp_path / "a" / "step_000010", best)
+    meta = json.loads((best / "meta.json").read_text())
+    (best / "meta.json").write_text(json.dumps(dict(meta, val_loss=0.01)))  # better than any later eval
+    train_local(tiny_config(tmp_path, "train.run_name=b", *over), tiny_arrays, **quiet)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_000010", "step_000030"]
+
+
 def test_resume_refuses_a_different_model(tmp_path, tiny_arrays):
     train_local(tiny_config(tmp_path, "train.run_name=r", "train.max_steps=10"), tiny_arrays, print_fn=lambda s: None)
     with pytest.raises(ConfigError, match="model.n_layer was 2"):
