@@ -311,15 +311,19 @@ def _train_bpe(texts: Iterable[str], vocab_size: int | None) -> BPETokenizer:
     return BPETokenizer(hf, source="the trained BPE tokenizer")
 
 
+def tokenizer_file(path) -> pathlib.Path:
+    """The file a tokenizer path names: ``path`` itself, or ``tokenizer.json`` in it when it is a directory."""
+    path = pathlib.Path(path)
+    return path / FILENAME if path.is_dir() else path
+
+
 def load_tokenizer(path) -> Tokenizer:
     """Load a tokenizer from a directory holding ``tokenizer.json`` or from a ``.json`` file.
 
     Reads raygpt's own char/bytes files and any HF ``tokenizers`` JSON (loaded
     as kind ``"bpe"``; it must contain an ``<|endoftext|>`` token).
     """
-    path = pathlib.Path(path)
-    if path.is_dir():
-        path = path / FILENAME
+    path = tokenizer_file(path)
     if not path.is_file():
         raise FileNotFoundError(
             f"tokenizer file not found: {path}; pass a directory containing {FILENAME} or the path of a .json file"

@@ -42,11 +42,11 @@ import pyarrow.compute  # noqa: F401 (pa.compute)
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from raygpt.config import DataConfig
+from raygpt.config import ConfigError, DataConfig
 from raygpt.data.corpus import build_tokenizer, check_split_sizes, encode_documents, no_text_error, split_text
 from raygpt.data.sources import (Document, PrepareError, Skipped, SourceFile, check_writable, count_skipped,
                                  list_sources, parse_file, read_file, record_name, skipped_error)
-from raygpt.tokenizer import Tokenizer, characters, load_tokenizer
+from raygpt.tokenizer import Tokenizer, characters, load_tokenizer, tokenizer_file
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 3  # 3: val rows in the sources' order (doc, chunk columns)
@@ -76,7 +76,11 @@ def fingerprint(files: list[SourceFile], data: DataConfig) -> str:
     """Changes when any file (path, size, mtime) or any setting that shapes the shards changes."""
     settings = {k: v for k, v in asdict(data).items() if k not in ("prepared_dir",)}
     if settings["tokenizer_path"]:
-        settings["tokenizer_sha256"] = hashlib.sha256(Path(settings["tokenizer_path"]).read_bytes()).hexdigest()
+        path = tokenizer_file(settings["tokenizer_path"])
+        if not path.is_file():
+            raise ConfigError(f"data.tokenizer_path={settings['tokenizer_path']}: no such file; give a tokenizer.json "
+                              "(raygpt's or Hugging Face tokenizers') or a folder holding one")
+        settings["tokenizer_sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     elif data.tokenizer == "bpe":
         settings["bpe_sample"] = [BPE_SAMPLE_BYTES, BPE_SAMPLE_SEED]
     blob = json.dumps({"version": FORMAT_VERSION, "chunk": CHUNK_TOKENS, "unit": UNIT_ROWS, "settings": settings,

@@ -100,3 +100,17 @@ def test_temporaries_of_interrupted_prepares_are_removed_and_live_ones_kept(tmp_
     assert f"prepare: removed {other_old} left by an interrupted prepare (pid 8 on other-host, untouched for 25 h)" \
         in printed
     assert len(printed) == 3
+
+
+def test_a_tokenizer_path_is_a_file_or_a_folder_holding_one_and_a_missing_one_is_one_line(tmp_path):
+    from raygpt.config import DataConfig
+    from raygpt.data.pipeline import fingerprint
+
+    (tmp_path / "tok").mkdir()
+    folder = DataConfig(tokenizer="char", tokenizer_path=str(tmp_path / "tok"))
+    train_tokenizer("char", ["abc\n"]).save(tmp_path / "tok")
+    before = fingerprint([], folder)
+    train_tokenizer("char", ["abcd\n"]).save(tmp_path / "tok")
+    assert fingerprint([], folder) != before  # the file in the folder is what counts
+    with pytest.raises(ConfigError, match=r"^data.tokenizer_path=\S+/nope: no such file; give a tokenizer.json"):
+        fingerprint([], DataConfig(tokenizer="char", tokenizer_path=str(tmp_path / "nope")))
