@@ -22,7 +22,7 @@ import torch
 
 from raygpt.config import Config, grad_accum_steps
 from raygpt.data.pipeline import Units, read_units
-from raygpt.data.windows import EpochPlan, epoch_batches, epoch_order, fixed_batches, head
+from raygpt.data.windows import EpochPlan, epoch_batches, epoch_order, fixed_batches, head, shuffle_windows
 
 # Ray Train's own DataConfig.default_ingest_options passes the deprecated ExecutionOptions.exclude_resources
 # on (UnitShards' constructor and Ray Train's state tracking call it, in the driver and in the run's controller,
@@ -32,7 +32,6 @@ warnings.filterwarnings("ignore", message=r"`ExecutionOptions\.exclude_resources
 
 READ_UNITS = 8  # units (Parquet row groups) per Ray Data read call
 MAX_BLOCKS = 1000  # slot blocks of a stream at most: the read tasks Ray Data plans for, however long the run
-WINDOW_SHUFFLE = 4096  # windows in each worker's shuffle buffer
 BLOCK_BYTES = 2 << 20  # the size of the blocks a read task hands on (about 64 units of 8192 int32 tokens)
 
 
@@ -177,7 +176,8 @@ def train_batches(cfg: Config, unit_tokens, tokens_seen: int, position: dict, sh
     rows = _rows(shard, cfg.ray.prefetch_batches)
     for epoch in itertools.count(epoch):
         position.update(epoch=epoch, world=world)
-        yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip, WINDOW_SHUFFLE, device)
+        yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip,
+                                 shuffle_windows(cfg.model.block_size), device)
         skip = 0
 
 
