@@ -2,18 +2,22 @@
 windows from everywhere (the `--local` loop) and on the Ray path's stream of units, with the buffer as it
 was (4096 windows) and as it is (about 4M tokens of windows), all three judged on the same large val set.
 
-    python bench/shuffle_buffer.py [key=value ...]
+    python bench/shuffle_buffer.py [--seeds 1337,1,2,3] [key=value ...]
 
 Defaults: the demo corpus (the Python standard library, char-level), the tune demo's best model size (6
 layers, 6 heads, 192 wide, block 64, batch 12), 450 steps: a tune trial that ASHA lets finish. The Ray path
 runs in this process (Ray Train's local mode on a private local cluster), so the buffer size it reads is
-set here. Prints, per run: training time, the units of the train split its windows came from, and the
-loss on 300 batches of val and of train windows (fixed, seeded, the same for every run). Asserts nothing.
+set here. Each seed (train.seed: the model's init and the data order) is a round of the three runs. Prints,
+per run: its wall time, the units of the train split its windows came from, and the loss on 300 batches of
+val and of train windows (fixed, seeded, the same for every run); over several seeds, each kind's mean,
+spread and worst val loss. Asserts nothing.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -57,53 +61,65 @@ def main() -> None:
     from raygpt.distributed import train
     from raygpt.local import train_local
 
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", default="1337", help="train.seed of each round, comma-separated (default 1337)")
+    ap.add_argument("overrides", nargs="*", help="key=value, as for jobs/train.py")
+    a = ap.parse_args()
     out = Path(tempfile.mkdtemp(prefix="shuffle-"))
-    overrides = [*DEFAULTS, f"train.out_dir={out}/runs", f"data.prepared_dir={out}/prepared", *sys.argv[1:]]
+    overrides = [*DEFAULTS, f"train.out_dir={out}/runs", f"data.prepared_dir={out}/prepared", *a.overrides]
     cfg = load_config(None, overrides)
     block, batch = cfg.model.block_size, cfg.train.batch_size
     torch.set_num_threads(os.cpu_count() or 1)
     arrays = prepare_arrays(cfg.data, None, print_fn=lambda s: None)
     tokenizer, train_ids, val_ids = arrays
-    rows = []
-
-    t0 = time.perf_counter()
-    local = train_local(load_config(None, [*overrides, "train.run_name=random"]), arrays=arrays, print_fn=lambda s: None)
-    rows.append(("random windows (--local)", time.perf_counter() - t0, None, local.checkpoint))
-
     connect_private()
     seen_units: set = set()
     epoch_batches = ingest.epoch_batches
 
-    def counting(units, *a, **k):  # the units each run's windows come from
+    def counting(units, *args, **kwargs):  # the units each run's windows come from
         def tap():
             for unit, tokens in units:
                 seen_units.add(unit)
                 yield unit, tokens
-        return epoch_batches(tap(), *a, **k)
+        return epoch_batches(tap(), *args, **kwargs)
 
     ingest.epoch_batches = counting
-    buffers = [("stream, 4096-window buffer (before)", 4096 * block), ("stream, 4M-token buffer (now)", windows.SHUFFLE_TOKENS)]
-    for name, tokens in buffers:
-        windows.SHUFFLE_TOKENS = tokens  # what shuffle_windows() reads
-        seen_units.clear()
-        run_cfg = load_config(None, [*overrides, f"train.run_name=stream{tokens}", "ray.local_mode=true",
-                                     f"ray.cpus_per_worker={os.cpu_count() or 1}"])
-        t0 = time.perf_counter()
-        train(run_cfg, print_fn=lambda s: None, quiet=True)
-        rows.append((name, time.perf_counter() - t0, len(seen_units), latest_checkpoint(out / "runs" / run_cfg.train.run_name)))
+    now = windows.SHUFFLE_TOKENS
+    names = {"random": "random windows (--local)", 4096 * block: "stream, 4096-window buffer (before)",
+             now: "stream, 4M-token buffer (now)"}
+    rows = []  # (seed, name, wall, units, val, train)
+    for seed in [int(x) for x in a.seeds.split(",")]:
+        for kind in names:
+            t0 = time.perf_counter()
+            run = [*overrides, f"train.seed={seed}", f"train.run_name={kind}-{seed}"]
+            if kind == "random":
+                checkpoint = train_local(load_config(None, run), arrays=arrays, print_fn=lambda s: None).checkpoint
+                units = None
+            else:
+                windows.SHUFFLE_TOKENS = kind  # what shuffle_windows() reads
+                seen_units.clear()
+                train(load_config(None, [*run, "ray.local_mode=true", f"ray.cpus_per_worker={os.cpu_count() or 1}"]),
+                      print_fn=lambda s: None, quiet=True)
+                checkpoint, units = latest_checkpoint(out / "runs" / f"{kind}-{seed}"), len(seen_units)
+            wall = time.perf_counter() - t0
+            rows.append((seed, names[kind], wall, units, *judge(checkpoint, val_ids, train_ids, block, batch)))
+            print(rows[-1], flush=True)
     total_units = sum(pq.ParquetFile(p).num_row_groups for p in (out / "prepared").glob("*/split=train/*.parquet"))
 
     print(f"\nShuffle buffer, {cfg.train.max_steps} steps of {batch} x {block}, {cfg.model.n_layer}L/{cfg.model.n_head}H/"
           f"{cfg.model.n_embd}, {cfg.data.source} ({tokenizer!r}, {len(train_ids):,} train / {len(val_ids):,} val "
           f"tokens); Ray {ray.__version__}, torch {torch.__version__}, {os.cpu_count()} cores")
-    print(f"{'':40}{'wall':>8}{'units read':>14}{'val loss':>10}{'train loss':>12}")
-    for name, wall, units, checkpoint in rows:
-        val, trn = judge(checkpoint, val_ids, train_ids, block, batch)
+    print(f"{'seed':>6}  {'':38}{'wall':>8}{'units read':>14}{'val loss':>10}{'train loss':>12}")
+    for seed, name, wall, units, val, trn in rows:
         where = "-" if units is None else f"{units} / {total_units}"
-        print(f"{name:40}{wall:>7.0f}s{where:>14}{val:>10.4f}{trn:>12.4f}")
+        print(f"{seed:>6}  {name:38}{wall:>7.0f}s{where:>14}{val:>10.4f}{trn:>12.4f}")
+    if len(rows) > len(names):
+        print("\nover the seeds, val loss: mean (standard deviation, worst)")
+        for name in names.values():
+            vals = [r[4] for r in rows if r[1] == name]
+            print(f"  {name:38}{statistics.mean(vals):.4f} ({statistics.stdev(vals):.4f}, {max(vals):.4f})")
     print("(val and train loss: the mean over the same 300 seeded batches of each split for every run; wall: the "
-          "whole call, Ray's start and the prepare included for the first stream run)")
-
+          "whole call, the prepare included in the first stream run)")
 
 if __name__ == "__main__":
     main()

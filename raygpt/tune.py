@@ -279,6 +279,10 @@ def run_tune(base: Config, settings: TuneSettings, resume: bool = False, print_f
             trainable,
             tune_config=ray.tune.TuneConfig(
                 metric=METRIC, mode="min", num_samples=settings.samples, max_concurrent_trials=concurrent,
+                # A trial training in its own process hands that process to the next trial (imports done, no
+                # process to start or end): 8 one-at-a-time trials of the demo space took 50 s instead of 86,
+                # start-up 0.2-0.4 s instead of 1.4-1.7 s, the same losses. TorchTrainer trials start afresh.
+                reuse_actors=trials.ray.num_workers == 0,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
                 search_alg=OptunaSearch(space=OptunaSearch.convert_search_space(_domains(settings)), metric=METRIC,
                                         mode="min", seed=settings.seed),
