@@ -82,9 +82,10 @@ def test_tune_stops_weak_trials_and_writes_table_best_config_and_plot(ray_cluste
     assert gen.model.config.n_layer == saved.model.n_layer
     assert isinstance(gen.generate("def ", max_new_tokens=5, seed=0), str)
     assert (exp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The trials were Ray actors the dashboard lists (its Actors view reads this state API), one per trial.
-    # Each trained in that actor's own process: no Ray Train worker group, so no run in the Train view.
-    assert len(trial_actors() - earlier) == 5
+    # The trials ran in Ray actors the dashboard lists (its Actors view reads this state API), each trial in
+    # an actor's own process: no Ray Train worker group, so no run in the Train view. A trial hands its
+    # process on to the next (Tune's reuse_actors): fewer actors than trials, one trial at a time here.
+    assert 1 <= len(trial_actors() - earlier) < 5
     assert any("each in its own process" in line for line in lines)
     assert all(train_run(ray_cluster["dashboard"], row.trial) is None for row in out.rows)
     # W&B: one run per trial (its id is the trial id), grouped under the experiment.
