@@ -145,7 +145,9 @@ def trial_states(exp: Path) -> dict:
 def test_resume_after_the_driver_is_killed_does_not_repeat_finished_trials(ray_cluster, tmp_path):
     path = tune_yaml(tmp_path, samples=3, experiment="again")
     exp = tmp_path / "runs" / "tune" / "again"
-    env = {**os.environ, **ENV, "RAY_ADDRESS": ray_cluster["address"]}
+    # Tune saves the experiment's state every loop (not every few seconds), so the first trial to end is on
+    # record while the next runs: trials in a reused process end within a second or two of each other.
+    env = {**os.environ, **ENV, "RAY_ADDRESS": ray_cluster["address"], "TUNE_GLOBAL_CHECKPOINT_S": "0"}
     log = tmp_path / "driver.log"
     with open(log, "w") as out, subprocess.Popen([sys.executable, str(ROOT / "jobs/tune.py"), str(path)], cwd=tmp_path,
                                                  env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -153,7 +155,7 @@ def test_resume_after_the_driver_is_killed_does_not_repeat_finished_trials(ray_c
         deadline = time.time() + 300
         while "TERMINATED" not in trial_states(exp).values():
             assert proc.poll() is None and time.time() < deadline, log.read_text()[-3000:]
-            time.sleep(0.5)
+            time.sleep(0.1)
         os.killpg(proc.pid, signal.SIGKILL)  # the driver dies mid-experiment, its cluster does not
     done = {t for t, status in trial_states(exp).items() if status == "TERMINATED"}
     assert 0 < len(done) < 3
