@@ -23,7 +23,10 @@ RAY = str(Path(sys.executable).parent / "ray")
 # stale ~/.ray/auth_token plays no part. test_ray_train checks that a submission without it is refused.
 # (Test modules import this file again under its package name: the second import must keep the token.)
 TOKEN = os.environ.setdefault("RAYGPT_TEST_RAY_TOKEN", secrets.token_hex(32))
+# RAY_local_fs_capacity_threshold: Ray's raylets warn (every 10 s) and stop spilling past 95% of the disk; a CI
+# machine's disk was at 97%. The tests of that warning set their own threshold.
 ENV = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN, "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+       "RAY_local_fs_capacity_threshold": "0.99",
        # `python` in submitted jobs must be this interpreter
        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 # Now, not in the fixture: Ray reads its auth mode when it is first imported, which test modules do.

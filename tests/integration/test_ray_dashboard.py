@@ -44,7 +44,8 @@ def test_the_dashboard_lists_the_run_and_prometheus_gets_its_figures(ray_cluster
         def running():
             assert proc.poll() is None, log.read_text()[-3000:]
             run = train_run(ray_cluster["dashboard"], name)
-            return run if run and run["status"] == "RUNNING" and run.get("attempts") else None
+            ok = run and run["status"] == "RUNNING" and run.get("attempts") and run["attempts"][-1].get("workers")
+            return run if ok else None
 
         run = wait_for(running, 300, "the run RUNNING in the Train view")
         assert sorted(w["world_rank"] for w in run["attempts"][-1]["workers"]) == [0, 1]
@@ -96,7 +97,8 @@ def test_the_local_cluster_of_jobs_train_shows_the_run_too(ray_cluster, tmp_path
         def running():
             assert proc.poll() is None, log.read_text()[-3000:]
             run = train_run(url, "alone")
-            return run if run and run["status"] == "RUNNING" and run.get("attempts") else None
+            ok = run and run["status"] == "RUNNING" and run.get("attempts") and run["attempts"][-1].get("workers")
+            return run if ok else None
 
         if local_mode == "false":
             run = wait_for(running, 300, "the run RUNNING in the Train view")
@@ -121,8 +123,8 @@ def test_the_local_cluster_of_jobs_train_shows_the_run_too(ray_cluster, tmp_path
     # cluster (the session's) runs on the machine, which Ray's own actors used to trip over.
     lines = [line for line in log.read_text().splitlines() if line.strip()]
     ours = ("ray: ", "prepare: ", "train: ", "start-up: ", "step ", "raygpt train: ")
-    assert [line for line in lines if not line.startswith(ours)] == []
-    assert sum(line.startswith("ray: warning: the disk of Ray's session folder") for line in lines) <= 1
+    assert [line for line in lines if not line.startswith(ours)] == [], lines[-8:]
+    assert sum(line.startswith("ray: warning: the disk of Ray's session folder") for line in lines) <= 1, lines
     # It ends saying what the interruption means for the run; the worker's last progress line may reach the
     # driver's output after that line (Ray forwards the workers' output on its own).
     said = [i for i, line in enumerate(lines) if line.startswith("raygpt train: the run 'alone' was interrupted")]
