@@ -96,7 +96,9 @@ def test_a_sharded_checkpoint_resumes_on_as_many_fewer_or_more_workers(ddp, fsdp
     """FSDP on 2 workers -> 2: the losses after the resume are the uninterrupted run's (data position included).
     2 -> 1 and then 1 -> 2: each worker reads its new shard of the weights and AdamW state (DCP reshards; the
     exactness of that is tests/unit/test_sharded_checkpoint.py's) and the schedule carries on; the batches after
-    the resume differ (the data is dealt over another number of workers), so the losses are only close."""
+    the resume differ (the data is dealt over another number of workers), so the losses are only close: their
+    mean over the steps after the resume within 0.05 of the uninterrupted run's, each step within 0.25 (one
+    batch's loss moves by more than 0.1 with the batch; a lost optimizer state or weights would move all)."""
     _, reference = ddp
     fsdp_run = fsdp[0] / "runs" / "fsdp"
     shutil.copytree(fsdp_run / "step_000015", tmp_path / "runs" / "same" / "step_000015")
@@ -112,9 +114,12 @@ def test_a_sharded_checkpoint_resumes_on_as_many_fewer_or_more_workers(ddp, fsdp
     assert resumed_from(tmp_path / "runs" / "fewer") == [15] and resumed_from(tmp_path / "runs" / "more") == [15, 20]
     for name, got, first in (("fewer", fewer, 16), ("more", more, 21)):
         got_lr = lrs(tmp_path / "runs" / name)
-        for step in range(first, STEPS + 1):
+        steps = range(first, STEPS + 1)
+        for step in steps:
             assert got_lr[step] == pytest.approx(want_lr[step], rel=1e-9), (name, step)
-            assert got[step] == pytest.approx(reference[step], abs=0.1), (name, step, got[step], reference[step])
+            assert got[step] == pytest.approx(reference[step], abs=0.25), (name, step, got[step], reference[step])
+        mean = sum(got[s] for s in steps) / len(steps)
+        assert mean == pytest.approx(sum(reference[s] for s in steps) / len(steps), abs=0.05), (name, mean)
 
 
 def test_a_fine_tune_on_ray_starts_from_pretrained_weights(ddp, tmp_path):
