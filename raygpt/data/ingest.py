@@ -22,7 +22,7 @@ import torch
 
 from raygpt.config import Config, grad_accum_steps
 from raygpt.data.pipeline import Units, read_units
-from raygpt.data.windows import EpochPlan, epoch_batches, epoch_order, fixed_batches, head, shuffle_windows
+from raygpt.data.windows import EpochPlan, epoch_batches, epoch_order, fixed_batches, head
 
 # Ray Train's own DataConfig.default_ingest_options passes the deprecated ExecutionOptions.exclude_resources
 # on (UnitShards' constructor and Ray Train's state tracking call it, in the driver and in the run's controller,
@@ -176,8 +176,7 @@ def train_batches(cfg: Config, unit_tokens, tokens_seen: int, position: dict, sh
     rows = _rows(shard, cfg.ray.prefetch_batches)
     for epoch in itertools.count(epoch):
         position.update(epoch=epoch, world=world)
-        yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip,
-                                 shuffle_windows(cfg.model.block_size), device)
+        yield from epoch_batches(_epoch_units(rows, epoch), plan, epoch, rank, skip, device=device)
         skip = 0
 
 

@@ -148,11 +148,11 @@ def shuffle_windows(block_size: int) -> int:
 
 
 def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoch: int, rank: int, skip: int = 0,
-                  shuffle_buffer: int = 4096, device: torch.device | str = "cpu") -> Iterator[Batch]:
+                  shuffle_buffer: int | None = None, device: torch.device | str = "cpu") -> Iterator[Batch]:
     """``rank``'s batches of ``epoch`` from its units' tokens, given as (unit id, tokens) in plan order, each
     unit's tokens followed by the head of the next unit of the stream (as the read stage delivers them).
 
-    Windows pass through a buffer of ``shuffle_buffer`` windows; a random one leaves as each new one
+    Windows pass through a buffer of ``shuffle_buffer`` windows (None: shuffle_windows(block_size)); a random one leaves as each new one
     enters (seeded by seed, epoch, rank); at the end of the epoch the rest leave in random order and a
     last partial batch is dropped. The first ``skip`` batches are drawn but not built (resume)."""
     expected = plan.units(epoch, rank)
@@ -165,7 +165,7 @@ def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoc
     buffer: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     emitted = 0
-    capacity = max(shuffle_buffer, size)
+    capacity = max(shuffle_buffer or shuffle_windows(block), size)
 
     def take(window: np.ndarray):
         nonlocal emitted, pending
