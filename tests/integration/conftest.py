@@ -6,6 +6,8 @@ alone (test_ray_isolation checks it), and a watchdog stops this one if the test 
 import json
 import os
 import secrets
+import signal
+import subprocess
 import sys
 import time
 import urllib.error
@@ -81,6 +83,23 @@ def train_run(dashboard: str, name: str) -> dict | None:
             return None
         raise
     return next((run for run in runs if run["name"] == name), None)
+
+
+def interrupt(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
+    """Ctrl-C to a driver, which must end within ``timeout`` s; if it does not, the failure says where its
+    threads are (py-spy) and what its signal masks were, and the log's tail."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=timeout)
+        return
+    except subprocess.TimeoutExpired:
+        pass
+    status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+    masks = "\n".join(line for line in status if line.startswith(("Sig", "Shd")))
+    spy = Path(sys.executable).parent / "py-spy"
+    stacks = subprocess.run([str(spy), "dump", "--pid", str(proc.pid)], capture_output=True, text=True,
+                            timeout=60).stdout if spy.exists() else "(no py-spy)"
+    pytest.fail(f"the driver ran on {timeout:.0f} s after Ctrl-C\n{masks}\n{stacks}\n{log.read_text()[-2000:]}")
 
 
 def wait_for(probe, timeout: float, what: str):

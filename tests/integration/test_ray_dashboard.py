@@ -6,7 +6,6 @@ queries them."""
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 
@@ -14,7 +13,7 @@ import pytest
 
 from raygpt.metrics import FIGURES, GRAFANA_DASHBOARD, RANK, RUN
 
-from tests.integration.conftest import ENV, get, train_run, wait_for
+from tests.integration.conftest import ENV, get, interrupt, train_run, wait_for
 from tests.integration.test_ray_train import ROOT, TINY
 
 
@@ -54,8 +53,7 @@ def test_the_dashboard_lists_the_run_and_prometheus_gets_its_figures(ray_cluster
                                                      "tokens_per_s", "step_time_ms", "data_wait")}
         wait_for(lambda: all(series(ray_cluster["metrics"], name).get(metric) == {"0", "1"} for metric in want),
                  180, f"{sorted(want)} of ranks 0 and 1 on the metrics endpoint")
-        proc.send_signal(signal.SIGINT)  # Ctrl-C: Ray Train aborts the run gracefully
-        proc.wait(timeout=180)
+        interrupt(proc, log)  # Ctrl-C: Ray Train aborts the run gracefully
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -114,8 +112,7 @@ def test_the_local_cluster_of_jobs_train_shows_the_run_too(ray_cluster, tmp_path
             metrics = f"http://{node['raylet']['nodeManagerAddress']}:{node['raylet']['metricsExportPort']}/metrics"
             loss = f"ray_{FIGURES['loss'][0]}"
             wait_for(lambda: series(metrics, "alone").get(loss) == {"0"}, 120, "the run's loss in Prometheus")
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=180)
+        interrupt(proc, log)
     finally:
         if proc.poll() is None:
             proc.kill()
