@@ -72,9 +72,9 @@ def _with_fault(cfg: Config, run_path: str, rank: int, batches: Iterator, state)
 
 
 # Ctrl-C in a run that trains in this process (local mode): the handler raises KeyboardInterrupt wherever the
-# main thread is, as Python's does, and also sets this flag, which the loop checks before every step. Once in
-# about ten CI runs the KeyboardInterrupt never reached the loop (lost in a library between two steps, with
-# no trace) and the run trained on; the flag stops it at the next step all the same.
+# main thread is, as Python's does, and also sets this flag, which the loop checks before every step. In one
+# CI run the KeyboardInterrupt never reached the loop (lost somewhere between two steps, without a trace)
+# and the run trained on for 3 minutes; the flag stops it at the next step all the same.
 _ctrl_c = threading.Event()
 
 
