@@ -9,10 +9,8 @@ import dataclasses
 import importlib
 import logging
 import os
-import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Iterator
@@ -69,42 +67,6 @@ def _with_fault(cfg: Config, run_path: str, rank: int, batches: Iterator, state)
         if _fault_due(cfg, run_path, rank, state.step + 1, "step"):
             os._exit(1)
         yield batch
-
-
-# Ctrl-C in a run that trains in this process (local mode): the handler raises KeyboardInterrupt wherever the
-# main thread is, as Python's does, and also sets this flag, which the loop checks before every step. In one
-# CI run the KeyboardInterrupt never reached the loop (lost somewhere between two steps, without a trace)
-# and the run trained on for 3 minutes; the flag stops it at the next step all the same.
-_ctrl_c = threading.Event()
-
-
-def _stop_on_ctrl_c(batches: Iterator) -> Iterator:
-    for batch in batches:
-        if _ctrl_c.is_set():
-            raise KeyboardInterrupt
-        yield batch
-
-
-@contextlib.contextmanager
-def _ctrl_c_stops_the_loop():
-    """While a local-mode run trains in this process: Ctrl-C raises KeyboardInterrupt and sets ``_ctrl_c``.
-    Leaves a handler someone else installed alone (and does nothing off the main thread)."""
-    if (threading.current_thread() is not threading.main_thread()
-            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
-        yield
-        return
-
-    def interrupt(signum, frame):
-        _ctrl_c.set()
-        raise KeyboardInterrupt
-
-    _ctrl_c.clear()
-    signal.signal(signal.SIGINT, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _ctrl_c.clear()
 
 
 def _die_mid_upload(saved: Path, dest: Path) -> None:
@@ -222,8 +184,6 @@ def train_func(config: dict, session: TrainSession | None = None) -> None:
                             rank, world, device)
     if cfg.ray.fail_at_step is not None:
         batches = _with_fault(cfg, config["run_path"], rank, batches, t.state)
-    if local:
-        batches = _stop_on_ctrl_c(batches)
     val = val_batches(cfg, config["val_tokens"], session.shard("val"), device)
     # What rank 0 prints: its progress and samples, unless the run is a Tune trial (the driver prints one
     # line per trial there, and lines from trials running side by side would interleave).
@@ -487,8 +447,7 @@ def train(cfg: Config, print_fn=print, loop=train_func, callbacks=(), quiet: boo
     trainer = TorchTrainer(loop, scaling_config=scaling, run_config=run, datasets=datasets, train_loop_config=config,
                            dataset_config=UnitShards(cfg, train_units, start_tokens))
     try:
-        with _ctrl_c_stops_the_loop() if local else contextlib.nullcontext():
-            return trainer.fit()
+        return trainer.fit()
     except (SystemExit, KeyboardInterrupt):
         # Ctrl-C: Ray Train aborts the run (its workers stop, the Train view says ABORTED), then leaves
         # fit() by SystemExit(1). Say what that means for the run instead of exiting without a word.

@@ -37,6 +37,11 @@ os.environ.update(ENV)
 # the machine's /tmp/ray too (Ray puts its temp root under RAY_TMPDIR).
 os.environ.setdefault("RAY_TMPDIR", "/tmp/rg-tests")
 
+# A suite started in the background of a non-interactive shell (`bash -c "... &"`) inherits SIGINT ignored,
+# and so would every driver it starts (an ignored signal stays ignored across exec): a Ctrl-C test would
+# then wait for a driver that never hears it. With Python's own handler here, the drivers start with theirs.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def pytest_collection_modifyitems(items):
     for item in items:
