@@ -152,9 +152,10 @@ def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoc
     """``rank``'s batches of ``epoch`` from its units' tokens, given as (unit id, tokens) in plan order, each
     unit's tokens followed by the head of the next unit of the stream (as the read stage delivers them).
 
-    Windows pass through a buffer of ``shuffle_buffer`` windows (None: shuffle_windows(block_size)); a random one leaves as each new one
-    enters (seeded by seed, epoch, rank); at the end of the epoch the rest leave in random order and a
-    last partial batch is dropped. The first ``skip`` batches are drawn but not built (resume)."""
+    Windows pass through a buffer of ``shuffle_buffer`` windows (None: ``shuffle_windows(block_size)``); a
+    random one leaves as each new one enters (seeded by seed, epoch, rank); at the end of the epoch the rest
+    leave in random order and a last partial batch is dropped. The first ``skip`` batches are drawn but not
+    built (resume)."""
     expected = plan.units(epoch, rank)
     offsets = plan.order(epoch)[1]
     counts = plan.windows_per_unit(epoch)
@@ -165,7 +166,7 @@ def epoch_batches(units: Iterable[tuple[int, np.ndarray]], plan: EpochPlan, epoc
     buffer: list[np.ndarray] = []
     pending: list[np.ndarray] = []
     emitted = 0
-    capacity = max(shuffle_buffer or shuffle_windows(block), size)
+    capacity = max(shuffle_windows(block) if shuffle_buffer is None else shuffle_buffer, size)
 
     def take(window: np.ndarray):
         nonlocal emitted, pending

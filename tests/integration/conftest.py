@@ -98,7 +98,8 @@ def interrupt(proc: subprocess.Popen, log: Path, timeout: float = 180) -> None:
         proc.wait(timeout=timeout)
         return
     except subprocess.TimeoutExpired:
-        pass
+        if proc.poll() is not None:  # it ended just now
+            return
     status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
     masks = "\n".join(line for line in status if line.startswith(("Sig", "Shd")))
     spy = Path(sys.executable).parent / "py-spy"
